@@ -1,0 +1,1 @@
+"""Training-time extras: what TensorBoard shows beyond the loss curves."""

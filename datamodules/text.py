@@ -1,0 +1,255 @@
+"""Text (or any file) as a raw byte stream.
+
+``path`` names a file (plain or ``.gz``), a folder (every file under it, sorted by path,
+concatenated byte for byte) or a named corpus: ``python-stdlib`` (the ``.py`` files of the
+running interpreter's standard library, present on every machine) or ``enwik8`` (downloaded
+in ``prepare_data``). Nothing is decoded: any byte content works.
+
+The corpus is split contiguously by bytes (90 / 5 / 5 by default), written once as a uint8
+file in a cache folder and memory-mapped, so a corpus larger than RAM works.
+"""
+
+import gzip
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sysconfig
+import urllib.request
+import zipfile
+from fractions import Fraction
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, RandomSampler
+
+from datamodules.windows import EvalWindows, RandomWindows, pad_collate
+
+log = logging.getLogger(__name__)
+
+ENWIK8_URL = "http://mattmahoney.net/dc/enwik8.zip"
+ENWIK8_BYTES = 100_000_000
+NAMED_CORPORA = ("python-stdlib", "enwik8")
+SPLITS = ("train", "val", "test")
+
+
+def default_cache_dir() -> Path:
+    """``$MEGABYTE_CACHE``, else ``$XDG_CACHE_HOME/megabyte``, else ``~/.cache/megabyte``."""
+    if "MEGABYTE_CACHE" in os.environ:
+        return Path(os.environ["MEGABYTE_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "megabyte"
+
+
+def python_stdlib_files() -> list[Path]:
+    """The ``.py`` files of the running interpreter's standard library, sorted by path
+    (installed packages under ``site-packages`` / ``dist-packages`` are not part of it)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    return sorted(
+        f
+        for f in root.rglob("*.py")
+        if f.is_file() and not {"site-packages", "dist-packages"} & set(f.relative_to(root).parts)
+    )
+
+
+def corpus_files(path: Path) -> list[Path]:
+    """A file is itself; a folder is every file under it, sorted by path."""
+    if not path.exists():
+        raise FileNotFoundError(f"data path {str(path)!r} does not exist")
+    if path.is_file():
+        return [path]
+    files = sorted(f for f in path.rglob("*") if f.is_file())
+    if not files:
+        raise ValueError(f"data folder {str(path)!r} contains no files")
+    return files
+
+
+def read_chunks(file: Path, chunk_size: int = 1 << 22):
+    """Yield the bytes of ``file`` in chunks, decompressing ``.gz`` files."""
+    opener = gzip.open if file.suffix == ".gz" else open
+    with opener(file, "rb") as f:
+        while chunk := f.read(chunk_size):
+            yield chunk
+
+
+def split_bounds(n_bytes: int, split: tuple[float, float, float]) -> list[int]:
+    """Byte offsets [0, a, b, n] of a contiguous train / val / test split.
+
+    a = floor(n * train), b = floor(n * (train + val)), computed exactly (no float rounding),
+    so docs-prose's 84,283,424 bytes split at 75,855,081 and 80,069,252.
+    """
+    train, val, _ = (Fraction(str(f)) for f in split)
+    return [0, int(n_bytes * train), int(n_bytes * (train + val)), n_bytes]
+
+
+def download_enwik8(folder: Path) -> Path:
+    """Download and unzip enwik8 into ``folder`` unless it is there; check its size."""
+    target = folder / "enwik8"
+    if target.is_file() and target.stat().st_size == ENWIK8_BYTES:
+        return target
+    folder.mkdir(parents=True, exist_ok=True)
+    archive = folder / "enwik8.zip"
+    if not archive.is_file():
+        log.info("downloading %s to %s", ENWIK8_URL, archive)
+        partial = archive.with_suffix(".zip.part")
+        try:
+            with urllib.request.urlopen(ENWIK8_URL, timeout=60) as response, open(partial, "wb") as out:
+                shutil.copyfileobj(response, out)
+        except OSError as error:
+            partial.unlink(missing_ok=True)
+            raise RuntimeError(
+                f"enwik8 is not in {folder} and could not be downloaded from {ENWIK8_URL} ({error}). "
+                f"Download it yourself and pass its path as data.path."
+            ) from error
+        partial.rename(archive)
+    with zipfile.ZipFile(archive) as zf:
+        partial = folder / "enwik8.part"
+        with zf.open("enwik8") as src, open(partial, "wb") as out:
+            shutil.copyfileobj(src, out)
+    size = partial.stat().st_size
+    if size != ENWIK8_BYTES:
+        partial.unlink()
+        archive.unlink()
+        raise RuntimeError(f"enwik8 from {archive} has {size} bytes, expected {ENWIK8_BYTES}; removed it, try again")
+    partial.rename(target)
+    return target
+
+
+class TextDataModule(L.LightningDataModule):
+    """Any file, folder or named corpus as a stream of bytes, split contiguously.
+
+    Batches are ``(x, mask)``: ``x`` uint8 (B, seq_len) bytes, ``mask`` bool (B, seq_len),
+    False on the padding of the last, shorter evaluation window.
+    """
+
+    def __init__(
+        self,
+        path: str = "python-stdlib",
+        seq_len: int = 1024,
+        batch_size: int = 16,
+        split: tuple[float, float, float] = (0.9, 0.05, 0.05),
+        seed: int = 0,
+        num_workers: int = 2,
+        cache_dir: str | None = None,
+    ) -> None:
+        """
+        Args:
+            path: A file (plain or .gz), a folder (all files, sorted by path, concatenated), or a
+                named corpus: ``python-stdlib`` (offline, on every machine) or ``enwik8``.
+            seq_len: Bytes per training window; the model's ``max_seq_len`` is linked to it.
+            batch_size: Windows per batch.
+            split: Fractions of the corpus for train / val / test, contiguous, in that order.
+            seed: Seed of the random training windows.
+            num_workers: DataLoader worker processes.
+            cache_dir: Where split corpora (and downloads) are kept; default ``$MEGABYTE_CACHE``
+                or ``~/.cache/megabyte``.
+        """
+        super().__init__()
+        if seq_len < 1:
+            raise ValueError(f"seq_len must be a positive integer, got {seq_len}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+        if len(split) != 3 or any(f <= 0 for f in split) or abs(sum(split) - 1.0) > 1e-9:
+            raise ValueError(f"split must be three positive fractions summing to 1, got {split}")
+        self.save_hyperparameters()
+        self.path = path
+        self.seq_len = seq_len
+        self.batch_size = batch_size
+        self.split = tuple(split)
+        self.seed = seed
+        self.num_workers = num_workers
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        self.splits: dict[str, np.ndarray] = {}
+
+    # -- corpus -> cached uint8 file ------------------------------------------------------------
+
+    def source_files(self) -> list[Path]:
+        if self.path == "python-stdlib":
+            return python_stdlib_files()
+        if self.path == "enwik8":
+            target = self.cache_dir / "enwik8" / "enwik8"
+            if not target.is_file():
+                raise FileNotFoundError(f"enwik8 is not downloaded yet (expected at {target}); prepare_data does it")
+            return [target]
+        return corpus_files(Path(self.path).expanduser())
+
+    def cache_folder(self) -> Path:
+        """A folder named for the corpus and the identity (path, size, mtime) of its files."""
+        digest = hashlib.sha256()
+        for f in self.source_files():
+            stat = f.stat()
+            digest.update(f"{f.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        name = Path(self.path).name.replace(".", "_") or "corpus"
+        return self.cache_dir / "corpora" / f"{name}-{digest.hexdigest()[:16]}"
+
+    def prepare_data(self) -> None:
+        """Download enwik8 if asked for, then write the corpus once as ``bytes.bin``."""
+        if self.path == "enwik8":
+            download_enwik8(self.cache_dir / "enwik8")
+        folder = self.cache_folder()
+        if (folder / "meta.json").is_file():
+            return
+        folder.mkdir(parents=True, exist_ok=True)
+        partial = folder / "bytes.bin.part"
+        n_bytes = 0
+        with open(partial, "wb") as out:
+            for file in self.source_files():
+                for chunk in read_chunks(file):
+                    out.write(chunk)
+                    n_bytes += len(chunk)
+        if n_bytes == 0:
+            partial.unlink()
+            raise ValueError(f"data path {self.path!r} holds no bytes (empty file or files)")
+        partial.rename(folder / "bytes.bin")
+        (folder / "meta.json").write_text(json.dumps({"path": self.path, "n_bytes": n_bytes}))
+        log.info("cached %s (%d bytes) in %s", self.path, n_bytes, folder)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Memory-map the cached corpus and cut it into the train / val / test splits."""
+        if self.splits:
+            return
+        folder = self.cache_folder()
+        if not (folder / "meta.json").is_file():
+            self.prepare_data()  # e.g. when the datamodule is used outside the Trainer
+        data = np.memmap(folder / "bytes.bin", dtype=np.uint8, mode="r")
+        bounds = split_bounds(len(data), self.split)
+        for name, start, end in zip(SPLITS, bounds[:-1], bounds[1:]):
+            if end - start < self.seq_len:
+                raise ValueError(
+                    f"the {name} split of {self.path!r} has {end - start} bytes, fewer than one window "
+                    f"of seq_len {self.seq_len}: use a larger corpus, a larger split fraction or a "
+                    f"smaller seq_len"
+                )
+            self.splits[name] = data[start:end]
+
+    # -- dataloaders --------------------------------------------------------------------------
+
+    def train_dataloader(self) -> DataLoader:
+        windows = RandomWindows(self.splits["train"], self.seq_len)
+        # About one pass over the split's bytes per epoch, drawn with replacement.
+        n_windows = max(self.batch_size, len(self.splits["train"]) // self.seq_len)
+        generator = torch.Generator().manual_seed(self.seed)
+        sampler = RandomSampler(windows, replacement=True, num_samples=n_windows, generator=generator)
+        return self._loader(windows, sampler=sampler, drop_last=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(EvalWindows(self.splits["val"], self.seq_len))
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(EvalWindows(self.splits["test"], self.seq_len))
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.test_dataloader()
+
+    def _loader(self, dataset, **kwargs) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            collate_fn=pad_collate,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+            **kwargs,
+        )

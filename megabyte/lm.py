@@ -1,0 +1,168 @@
+"""MegaByteLM: the LightningModule around either architecture. A thin adapter: loss, metrics,
+optimizer and schedule. The model itself lives in ``megabyte/model.py``."""
+
+import dataclasses
+import importlib
+import math
+from typing import Any, Literal
+
+import lightning as L
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from jsonargparse import set_parsing_settings
+from torchmetrics import MeanMetric
+
+from megabyte.model import VOCAB_SIZE, ByteTransformer, ByteTransformerConfig, MegaByte, MegaByteConfig, ModelConfig
+
+# Let YAML choose the architecture with ``class_path: megabyte.MegaByteConfig`` or
+# ``megabyte.ByteTransformerConfig``. Set here (not only in cli.py) because Lightning re-parses
+# a checkpoint's hyperparameters with jsonargparse in ``load_from_checkpoint``.
+set_parsing_settings(subclasses_enabled=[ModelConfig])
+
+
+def build_model(config: ModelConfig) -> nn.Module:
+    """The architecture a config describes."""
+    if isinstance(config, MegaByteConfig):
+        return MegaByte(config)
+    if isinstance(config, ByteTransformerConfig):
+        return ByteTransformer(config)
+    raise TypeError(f"expected a MegaByteConfig or a ByteTransformerConfig, got {type(config).__name__}")
+
+
+def config_to_dict(config: ModelConfig) -> dict[str, Any]:
+    """``{"class_path": ..., "init_args": {...}}``: plain data, safe in a checkpoint."""
+    cls = type(config)
+    return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": dataclasses.asdict(config)}
+
+
+def config_from_dict(data: dict[str, Any]) -> ModelConfig:
+    """Inverse of ``config_to_dict``; only ModelConfig subclasses are accepted."""
+    module, _, name = data["class_path"].rpartition(".")
+    cls = getattr(importlib.import_module(module), name)
+    if not (isinstance(cls, type) and issubclass(cls, ModelConfig)):
+        raise TypeError(f"{data['class_path']} is not a model config")
+    return cls(**data.get("init_args", {}))
+
+
+def bits_per_byte(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """logits float (B, T, 256), x long (B, T) -> bits float32 (B, T) spent on every byte."""
+    nats = F.cross_entropy(logits.float().reshape(-1, VOCAB_SIZE), x.reshape(-1), reduction="none")
+    return nats.view_as(x) / math.log(2)
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on the matrices of linear layers only; none on embeddings, pads, norms, biases."""
+    decayed = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [
+        {"name": "decay", "params": [p for p in params if id(p) in decayed], "weight_decay": weight_decay},
+        {"name": "no_decay", "params": [p for p in params if id(p) not in decayed], "weight_decay": 0.0},
+    ]
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: float, schedule: str, min_lr_ratio: float) -> float:
+    """Multiplier of the peak learning rate at optimizer step ``step`` (0-based):
+    linear warm-up over ``warmup_steps``, then ``schedule`` decay to ``min_lr_ratio`` at ``total_steps``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant" or math.isinf(total_steps):
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1.0, total_steps - warmup_steps))
+    decay = 1.0 - progress if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+    return min_lr_ratio + (1.0 - min_lr_ratio) * decay
+
+
+class MegaByteLM(L.LightningModule):
+    """Next-byte language modelling with MegaByte or the ByteTransformer baseline.
+
+    Batches are ``(x, mask)``: x uint8 or long (B, T) bytes, mask bool (B, T), True where a byte
+    counts. The loss is the mean cross-entropy in nats over every counted byte; bits per byte
+    (bpb) = nats / ln 2. Validation and test bpb are exact over the split: total bits / total bytes.
+    """
+
+    def __init__(
+        self,
+        arch: ModelConfig,
+        lr: float = 6e-4,
+        weight_decay: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.98),
+        warmup_steps: int = 500,
+        schedule: Literal["linear", "cosine", "constant"] = "linear",
+        min_lr_ratio: float = 0.0,
+    ) -> None:
+        """
+        Args:
+            arch: The architecture: ``megabyte.MegaByteConfig`` or ``megabyte.ByteTransformerConfig``.
+            lr: Peak learning rate of AdamW.
+            weight_decay: AdamW weight decay of linear-layer matrices (the paper's 0.1).
+            betas: AdamW betas (the paper's 0.9, 0.98).
+            warmup_steps: Optimizer steps of linear warm-up from 0 to ``lr`` (the paper's 500).
+            schedule: Decay after warm-up, down to ``min_lr_ratio * lr`` at the Trainer's last step
+                (``max_steps``, or ``max_epochs`` worth of steps). The paper's polynomial decay is linear.
+            min_lr_ratio: Final learning rate as a fraction of ``lr``.
+        """
+        super().__init__()
+        if isinstance(arch, dict):  # from a checkpoint's hyperparameters
+            arch = config_from_dict(arch)
+        if lr <= 0 or weight_decay < 0 or warmup_steps < 0 or not 0 <= min_lr_ratio <= 1:
+            raise ValueError(
+                f"need lr > 0, weight_decay >= 0, warmup_steps >= 0 and 0 <= min_lr_ratio <= 1; got lr={lr}, "
+                f"weight_decay={weight_decay}, warmup_steps={warmup_steps}, min_lr_ratio={min_lr_ratio}"
+            )
+        self.save_hyperparameters()
+        if isinstance(self.hparams["arch"], ModelConfig):  # keep checkpoints free of pickled objects
+            self.hparams["arch"] = config_to_dict(arch)
+        self.config = arch
+        self.model = build_model(arch)
+        self.val_bpb = MeanMetric().set_dtype(torch.float64)
+        self.test_bpb = MeanMetric().set_dtype(torch.float64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: LongTensor (B, T), values 0..255 -> logits (B, T, 256)."""
+        return self.model(x)
+
+    def _bits(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        x, mask = batch
+        x = x.long()
+        return bits_per_byte(self.model(x), x), mask
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        bits, mask = self._bits(batch)
+        bpb = (bits * mask).sum() / mask.sum()
+        loss = bpb * math.log(2)  # mean nats per byte
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/bpb", bpb)
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, self.val_bpb, "val/bpb")
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, self.test_bpb, "test/bpb")
+
+    def _eval_step(self, batch: tuple[torch.Tensor, torch.Tensor], metric: MeanMetric, name: str) -> None:
+        bits, mask = self._bits(batch)
+        # Weighted mean over bytes: at the end, total bits / total bytes of the whole split.
+        metric.update(bits.double(), mask.double())
+        self.log(name, metric, on_step=False, on_epoch=True, prog_bar=True)
+
+    def predict_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        """-> {"bits": float (B, T) bits spent on each byte, "mask": bool (B, T)}."""
+        bits, mask = self._bits(batch)
+        return {"bits": bits, "mask": mask}
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        optimizer = torch.optim.AdamW(
+            parameter_groups(self.model, hp.weight_decay),
+            lr=hp.lr,
+            betas=tuple(hp.betas),
+            fused=self.device.type == "cuda",
+        )
+        total_steps = self.trainer.estimated_stepping_batches
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            lambda step: lr_factor(step, hp.warmup_steps, total_steps, hp.schedule, hp.min_lr_ratio),
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "train/lr"}}

@@ -1,0 +1,333 @@
+"""MEGABYTE (Yu et al., 2023) and the byte-level Transformer it is compared against.
+
+Reads top to bottom like Section 2 of the paper: attention -> feed-forward -> block ->
+transformer stack -> configs -> MegaByte -> ByteTransformer. Symbols follow the paper:
+V = 256 byte values, T = sequence length, P = patch_size, K = T / P patches,
+D_G = d_global / P (per-byte global width).
+
+Both models share one contract: ``forward(x)`` with ``x: LongTensor (B, T)``, values 0..255,
+returns logits ``(B, T, 256)`` where ``logits[:, t]`` predicts ``x[:, t]`` from ``x[:, :t]``.
+The targets are the input itself; no external shift is needed.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+VOCAB_SIZE = 256  # one token per byte value
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention through ``scaled_dot_product_attention``.
+
+    ``is_causal=True`` lets the GPU pick flash / memory-efficient kernels.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float) -> None:
+        super().__init__()
+        self.n_heads = n_heads
+        self.dropout = dropout
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.proj = nn.Linear(d_model, d_model)
+        self.resid_dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (N, L, d) -> (N, L, d)."""
+        N, L, d = x.shape
+        q, k, v = self.qkv(x).split(d, dim=-1)  # 3 x (N, L, d)
+        # (N, L, d) -> (N, nh, L, hs)
+        q, k, v = (t.view(N, L, self.n_heads, d // self.n_heads).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(
+            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
+        )  # (N, nh, L, hs)
+        y = y.transpose(1, 2).reshape(N, L, d)  # (N, L, d)
+        return self.resid_dropout(self.proj(y))
+
+
+class FeedForward(nn.Module):
+    """Position-wise MLP with the paper's ReLU."""
+
+    def __init__(self, d_model: int, d_hidden: int, dropout: float) -> None:
+        super().__init__()
+        self.fc = nn.Linear(d_model, d_hidden)
+        self.proj = nn.Linear(d_hidden, d_model)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.proj(F.relu(self.fc(x))))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, d_model: int, n_heads: int, d_hidden: int, dropout: float) -> None:
+        super().__init__()
+        self.attn_norm = nn.LayerNorm(d_model)
+        self.attn = CausalSelfAttention(d_model, n_heads, dropout)
+        self.mlp_norm = nn.LayerNorm(d_model)
+        self.mlp = FeedForward(d_model, d_hidden, dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x))
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Transformer(nn.Module):
+    """A causal decoder stack: ``n_layers`` blocks and a final LayerNorm.
+
+    Used for MEGABYTE's global model, its local model and the byte-level baseline.
+    """
+
+    def __init__(self, d_model: int, n_layers: int, n_heads: int, d_hidden: int, dropout: float) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(d_model, n_heads, d_hidden, dropout) for _ in range(n_layers))
+        self.norm = nn.LayerNorm(d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (N, L, d_model) -> (N, L, d_model), position l attends to positions <= l."""
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+def _multiple_hint(value: int, base: int) -> str:
+    """Valid values near ``value`` that are multiples of ``base``, for error messages."""
+    lower = value // base * base
+    return f"{lower} or {lower + base}" if lower > 0 else f"{base}"
+
+
+@dataclass
+class ModelConfig:
+    """Options shared by MegaByteConfig and ByteTransformerConfig (the CLI picks one by class_path)."""
+
+    max_seq_len: int = 8192
+    """Longest sequence in bytes (T). Linked to ``data.seq_len`` in the CLI."""
+    ffn_ratio: int = 4
+    """Hidden width of every feed-forward layer, as a multiple of its model width."""
+    dropout: float = 0.1
+    """Dropout on attention weights and residual branches (none on embeddings); the paper's 0.1."""
+    init_std: float = 0.006
+    """Standard deviation of the truncated-normal init (truncated at 2 sigma); the paper's 0.006."""
+    tie_embeddings: bool = True
+    """Tie the output projection to the (local) byte embedding, as in the paper."""
+
+    def _check_positive(self, *names: str) -> None:
+        for name in names:
+            value = getattr(self, name)
+            _require(
+                isinstance(value, int) and not isinstance(value, bool) and value > 0,
+                f"{name} must be a positive integer, got {value!r}",
+            )
+
+    def __post_init__(self) -> None:
+        self._check_positive("max_seq_len", "ffn_ratio")
+        _require(
+            0.0 <= self.dropout < 1.0,
+            f"dropout must be in [0, 1), got {self.dropout!r} (the paper uses 0.1)",
+        )
+        _require(
+            self.init_std > 0.0,
+            f"init_std must be positive, got {self.init_std!r} (the paper uses 0.006)",
+        )
+
+
+@dataclass
+class MegaByteConfig(ModelConfig):
+    """Hyperparameters of a MEGABYTE model (paper Section 2)."""
+
+    patch_size: int = 8
+    """Bytes per patch (P); ``max_seq_len`` must be a multiple. The paper: 8 for text, 12 for ImageNet 64, 32 for audio."""
+    d_global: int = 1024
+    """Width of the global model (P * D_G); a multiple of ``patch_size`` and of ``n_global_heads``."""
+    n_global_layers: int = 12
+    """Number of blocks in the global model."""
+    n_global_heads: int = 16
+    """Attention heads in the global model."""
+    d_local: int = 512
+    """Width of the local model; a multiple of ``n_local_heads``."""
+    n_local_layers: int = 6
+    """Number of blocks in the local model."""
+    n_local_heads: int = 8
+    """Attention heads in the local model."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._check_positive(
+            "patch_size", "d_global", "n_global_layers", "n_global_heads", "d_local", "n_local_layers", "n_local_heads"
+        )
+        P = self.patch_size
+        _require(
+            self.max_seq_len % P == 0,
+            f"max_seq_len {self.max_seq_len} is not a multiple of patch_size {P}: "
+            f"use max_seq_len (data.seq_len in the CLI) {_multiple_hint(self.max_seq_len, P)}",
+        )
+        _require(
+            self.d_global % P == 0,
+            f"d_global {self.d_global} is not a multiple of patch_size {P} (every byte gets "
+            f"d_global / patch_size global dimensions): use d_global {_multiple_hint(self.d_global, P)}",
+        )
+        _require(
+            self.d_global % self.n_global_heads == 0,
+            f"d_global {self.d_global} is not divisible by n_global_heads {self.n_global_heads}: "
+            f"use d_global {_multiple_hint(self.d_global, self.n_global_heads)}",
+        )
+        _require(
+            self.d_local % self.n_local_heads == 0,
+            f"d_local {self.d_local} is not divisible by n_local_heads {self.n_local_heads}: "
+            f"use d_local {_multiple_hint(self.d_local, self.n_local_heads)}",
+        )
+
+
+@dataclass
+class ByteTransformerConfig(ModelConfig):
+    """Hyperparameters of the byte-level decoder-only Transformer baseline."""
+
+    d_model: int = 768
+    """Model width; a multiple of ``n_heads``."""
+    n_layers: int = 12
+    """Number of blocks."""
+    n_heads: int = 12
+    """Attention heads."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._check_positive("d_model", "n_layers", "n_heads")
+        _require(
+            self.d_model % self.n_heads == 0,
+            f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}: "
+            f"use d_model {_multiple_hint(self.d_model, self.n_heads)}",
+        )
+
+
+def init_weights(model: nn.Module, std: float) -> None:
+    """The paper's init: every weight matrix, embedding and pad vector ~ N(0, std) truncated
+    at 2 std; biases 0; LayerNorm scale 1 and shift 0."""
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if isinstance(module, nn.LayerNorm):
+                nn.init.ones_(param) if name == "weight" else nn.init.zeros_(param)
+            elif name == "bias":
+                nn.init.zeros_(param)
+            else:
+                nn.init.trunc_normal_(param, mean=0.0, std=std, a=-2 * std, b=2 * std)
+
+
+def _check_input(x: torch.Tensor, max_seq_len: int) -> None:
+    if x.dim() != 2:
+        raise ValueError(f"expected x of shape (B, T), got {tuple(x.shape)}")
+    if x.dtype != torch.long:
+        raise TypeError(f"expected x of dtype torch.long (byte values 0..255), got {x.dtype}")
+    if not 1 <= x.shape[1] <= max_seq_len:
+        raise ValueError(f"sequence length {x.shape[1]} is outside 1..max_seq_len ({max_seq_len})")
+
+
+class MegaByte(nn.Module):
+    """MEGABYTE: a global transformer over patches of P bytes and a local transformer
+    that predicts the bytes inside each patch."""
+
+    def __init__(self, config: MegaByteConfig) -> None:
+        super().__init__()
+        self.config = config
+        P, d_global, d_local = config.patch_size, config.d_global, config.d_local
+        D_G = d_global // P
+
+        # 1. Patch embedder: per-byte global embedding plus learned absolute positions.
+        self.global_embedding = nn.Embedding(VOCAB_SIZE, D_G)  # E_global (V, D_G)
+        self.global_pos_embedding = nn.Embedding(config.max_seq_len, D_G)  # E_pos (T, D_G)
+        # 2. Trainable pad patch that starts the global input.
+        self.global_pad = nn.Parameter(torch.empty(d_global))
+        # 3. Causal global model over K patch positions.
+        self.global_model = Transformer(
+            d_global, config.n_global_layers, config.n_global_heads, config.ffn_ratio * d_global, config.dropout
+        )
+        # 4. Shared projection w_GL of each D_G chunk of a global output to the local width.
+        self.global_to_local = nn.Linear(D_G, d_local)
+        # 5. Local input: previous-byte embedding, local pad at patch position 0, positions.
+        self.local_embedding = nn.Embedding(VOCAB_SIZE, d_local)  # E_local (V, d_local)
+        self.local_pad = nn.Parameter(torch.empty(d_local))
+        self.local_pos_embedding = nn.Embedding(P, d_local)
+        # 6. Causal local model, run on every patch independently.
+        self.local_model = Transformer(
+            d_local, config.n_local_layers, config.n_local_heads, config.ffn_ratio * d_local, config.dropout
+        )
+        # 7. Output projection, tied to E_local unless configured otherwise.
+        self.lm_head = None if config.tie_embeddings else nn.Linear(d_local, VOCAB_SIZE, bias=False)
+        init_weights(self, config.init_std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: LongTensor (B, T), values 0..255, 1 <= T <= max_seq_len -> logits (B, T, 256).
+
+        ``logits[:, t]`` is the prediction of ``x[:, t]`` from ``x[:, :t]``.
+        """
+        _check_input(x, self.config.max_seq_len)
+        B, T = x.shape
+        P, d_global, d_local = self.config.patch_size, self.config.d_global, self.config.d_local
+        K = math.ceil(T / P)
+        # Pad to whole patches; causality keeps the padding out of every real position.
+        x = F.pad(x, (0, K * P - T))  # (B, K*P)
+
+        # 1. Patch embedder: (B, K*P, D_G) concatenated per patch into (B, K, P*D_G).
+        positions = torch.arange(K * P, device=x.device)
+        h = self.global_embedding(x) + self.global_pos_embedding(positions)  # (B, K*P, D_G)
+        h = h.view(B, K, d_global)  # (B, K, d_global)
+        # 2. Shift by one patch: prepend the pad patch, drop the last patch.
+        pad = self.global_pad.expand(B, 1, d_global)  # (B, 1, d_global)
+        h = torch.cat([pad, h[:, :-1]], dim=1)  # (B, K, d_global)
+        # 3. Global model: position k has seen patches < k only.
+        h = self.global_model(h)  # (B, K, d_global)
+
+        # 4. Split every global output into P chunks of D_G and project each with w_GL.
+        h = self.global_to_local(h.view(B, K, P, d_global // P))  # (B, K, P, d_local)
+        # 5. Add the embedding of the previous byte in the patch (the local pad at p = 0).
+        prev = self.local_embedding(x.view(B, K, P)[:, :, :-1])  # (B, K, P-1, d_local)
+        pad = self.local_pad.expand(B, K, 1, d_local)  # (B, K, 1, d_local)
+        h = h + torch.cat([pad, prev], dim=2) + self.local_pos_embedding.weight  # (B, K, P, d_local)
+        # 6. Local model over all B*K patches as one batch of length-P sequences.
+        h = self.local_model(h.view(B * K, P, d_local))  # (B*K, P, d_local)
+
+        # 7. Output projection to byte logits; drop the padding.
+        logits = self._output(h).view(B, K * P, VOCAB_SIZE)  # (B, K*P, V)
+        return logits[:, :T]
+
+    def _output(self, h: torch.Tensor) -> torch.Tensor:
+        if self.lm_head is None:
+            return F.linear(h, self.local_embedding.weight)
+        return self.lm_head(h)
+
+
+class ByteTransformer(nn.Module):
+    """Byte-level decoder-only Transformer: the baseline MEGABYTE is compared against.
+
+    Built from the same blocks; the input is shifted by one byte behind a trainable start vector.
+    """
+
+    def __init__(self, config: ByteTransformerConfig) -> None:
+        super().__init__()
+        self.config = config
+        d = config.d_model
+        self.embedding = nn.Embedding(VOCAB_SIZE, d)
+        self.pos_embedding = nn.Embedding(config.max_seq_len, d)
+        self.start = nn.Parameter(torch.empty(d))
+        self.transformer = Transformer(d, config.n_layers, config.n_heads, config.ffn_ratio * d, config.dropout)
+        self.lm_head = None if config.tie_embeddings else nn.Linear(d, VOCAB_SIZE, bias=False)
+        init_weights(self, config.init_std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: LongTensor (B, T), values 0..255, 1 <= T <= max_seq_len -> logits (B, T, 256)."""
+        _check_input(x, self.config.max_seq_len)
+        B, T = x.shape
+        start = self.start.expand(B, 1, self.config.d_model)  # (B, 1, d)
+        h = torch.cat([start, self.embedding(x[:, :-1])], dim=1)  # (B, T, d): position t sees x[:, t-1]
+        h = h + self.pos_embedding(torch.arange(T, device=x.device))
+        h = self.transformer(h)  # (B, T, d)
+        if self.lm_head is None:
+            return F.linear(h, self.embedding.weight)  # (B, T, V)
+        return self.lm_head(h)

@@ -1,0 +1,49 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from megabyte import ByteTransformer, ByteTransformerConfig, MegaByte, MegaByteConfig
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def tiny_megabyte_config(**overrides) -> MegaByteConfig:
+    kwargs = dict(
+        max_seq_len=64, patch_size=4, d_global=32, n_global_layers=2, n_global_heads=2,
+        d_local=16, n_local_layers=2, n_local_heads=2, dropout=0.0,
+    )  # fmt: skip
+    kwargs.update(overrides)
+    return MegaByteConfig(**kwargs)
+
+
+def tiny_transformer_config(**overrides) -> ByteTransformerConfig:
+    kwargs = dict(max_seq_len=64, d_model=32, n_layers=2, n_heads=2, dropout=0.0)
+    kwargs.update(overrides)
+    return ByteTransformerConfig(**kwargs)
+
+
+@pytest.fixture(params=["megabyte", "transformer"])
+def tiny_model(request) -> torch.nn.Module:
+    torch.manual_seed(0)
+    if request.param == "megabyte":
+        return MegaByte(tiny_megabyte_config()).eval()
+    return ByteTransformer(tiny_transformer_config()).eval()
+
+
+@pytest.fixture
+def text_file(tmp_path) -> Path:
+    """About 40 KB of real text: the source of a stdlib module, repeated."""
+    source = Path(os.__file__).read_bytes()[:20_000]
+    path = tmp_path / "corpus.txt"
+    path.write_bytes(source * 2)
+    return path
+
+
+@pytest.fixture
+def data_dir() -> Path:
+    """The real datasets (``$MEGABYTE_DATA``); tests that need them are skipped without it."""
+    if "MEGABYTE_DATA" not in os.environ:
+        pytest.skip("MEGABYTE_DATA is not set")
+    return Path(os.environ["MEGABYTE_DATA"])

@@ -1,0 +1,91 @@
+"""Every YAML in configs/ trains a few steps through the CLI (tiny overrides), then tests its checkpoint."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from cli import main
+from tests.conftest import REPO
+
+CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
+
+TINY_ARCH = {
+    "megabyte.MegaByteConfig": {"d_global": 32, "n_global_layers": 1, "n_global_heads": 2,
+                                "d_local": 16, "n_local_layers": 1, "n_local_heads": 2},
+    "megabyte.ByteTransformerConfig": {"d_model": 32, "n_layers": 1, "n_heads": 2},
+}  # fmt: skip
+
+
+def cpu_trainer_args(tmp_path: Path) -> list[str]:
+    return [
+        "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.precision=32-true",
+        "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+        f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}",
+    ]  # fmt: skip
+
+
+def tiny_args(config: Path, text_file: Path, tmp_path: Path) -> list[str]:
+    arch = yaml.safe_load(config.read_text())["model"]["arch"]["class_path"]
+    return [
+        f"--config={config}",
+        *(f"--model.arch.init_args.{k}={v}" for k, v in TINY_ARCH[arch].items()),
+        f"--data.path={text_file}", "--data.seq_len=32", "--data.batch_size=2", "--data.num_workers=0",
+        f"--data.cache_dir={tmp_path / 'cache'}",
+        *cpu_trainer_args(tmp_path),
+    ]  # fmt: skip
+
+
+def scalars(log_dir: Path) -> dict[str, list[float]]:
+    accumulator = EventAccumulator(str(log_dir))
+    accumulator.Reload()
+    return {tag: [e.value for e in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}
+
+
+def fit(config: Path, text_file: Path, tmp_path: Path) -> Path:
+    main(["fit", *tiny_args(config, text_file, tmp_path), "--trainer.max_steps=4", "--trainer.max_time=null",
+          "--trainer.val_check_interval=2", "--trainer.limit_val_batches=2", "--trainer.log_every_n_steps=1"])  # fmt: skip
+    (last,) = (tmp_path / "logs").rglob("last.ckpt")
+    return last
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
+def test_config_fits_then_tests_from_its_checkpoint(config, text_file, tmp_path):
+    last = fit(config, text_file, tmp_path)
+    run_dir = last.parent.parent
+    assert any(p.name.startswith("best-") for p in last.parent.iterdir())  # best val/bpb is kept too
+    logged = scalars(run_dir)
+    for tag in ("train/loss", "train/bpb", "val/bpb", "train/lr/decay"):
+        assert tag in logged, f"{tag} not in TensorBoard events: {sorted(logged)}"
+    assert len(logged["train/loss"]) == 4 and len(logged["val/bpb"]) == 2
+    assert all(0 < v < 9 for v in logged["val/bpb"])
+
+    cli = main(["test", *tiny_args(config, text_file, tmp_path), f"--ckpt_path={last}", "--trainer.max_time=null"])
+    test_bpb = cli.trainer.callback_metrics["test/bpb"].item()
+    assert 0 < test_bpb < 9
+    assert any("test/bpb" in scalars(d) for d in (tmp_path / "logs").rglob("version_*"))
+
+
+def test_checkpoint_alone_rebuilds_model_and_data(text_file, tmp_path, monkeypatch):
+    last = fit(REPO / "configs" / "quickstart.yaml", text_file, tmp_path)
+    monkeypatch.chdir(tmp_path)
+    # No --config: the architecture, seq_len and data come from the checkpoint.
+    cli = main(["test", f"--ckpt_path={last}", "--trainer.enable_progress_bar=false"])
+    assert cli.model.config.d_global == 32 and cli.model.config.max_seq_len == 32
+    assert cli.datamodule.path == str(text_file)
+    validated = main(["validate", f"--ckpt_path={last}", "--trainer.enable_progress_bar=false"])
+    assert validated.trainer.callback_metrics["val/bpb"].item() > 0
+    predicted = main(["predict", f"--ckpt_path={last}", "--trainer.enable_progress_bar=false",
+                      "--trainer.limit_predict_batches=2"])  # fmt: skip
+    assert predicted.trainer.predict_loop.predictions[0]["bits"].shape == (2, 32)
+
+
+def test_seq_len_is_typed_once(text_file, tmp_path):
+    """data.seq_len sets the model's max_seq_len; a value that does not fit the patch size is refused."""
+    config = REPO / "configs" / "quickstart.yaml"
+    args = tiny_args(config, text_file, tmp_path)
+    cli = main(["fit", *args, "--data.seq_len=64", "--trainer.fast_dev_run=1"])
+    assert cli.model.config.max_seq_len == 64 == cli.datamodule.seq_len
+    with pytest.raises(ValueError, match="max_seq_len 60 is not a multiple of patch_size 8"):
+        main(["fit", *args, "--data.seq_len=60", "--trainer.fast_dev_run=1"])

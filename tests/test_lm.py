@@ -1,0 +1,128 @@
+import math
+
+import lightning as L
+import pytest
+import torch
+import torch.nn as nn
+
+from datamodules import TextDataModule
+from megabyte import MegaByteConfig, MegaByteLM
+from megabyte.lm import bits_per_byte, lr_factor, parameter_groups
+from tests.conftest import tiny_megabyte_config, tiny_transformer_config
+
+
+def test_bits_per_byte_hand_computed():
+    """Uniform logits cost exactly 8 bits; a logit of ln 255 on one byte gives it p = 1/2 (1 bit)
+    and every other byte p = 1/510."""
+    x = torch.tensor([[97, 98]])
+    logits = torch.zeros(1, 2, 256)
+    assert torch.allclose(bits_per_byte(logits, x), torch.tensor([[8.0, 8.0]]))
+    logits[:, :, 97] = math.log(255)
+    expected = torch.tensor([[1.0, math.log2(510)]])
+    assert torch.allclose(bits_per_byte(logits, x), expected)
+
+
+class PrefersA(nn.Module):
+    """Puts probability 1/2 on byte 'a' everywhere: 'a' costs 1 bit, any other byte log2(510)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = torch.zeros(*x.shape, 256)
+        logits[..., ord("a")] = math.log(255)
+        return logits
+
+
+def test_eval_bpb_is_total_bits_over_total_bytes():
+    """Exact over the split, padding excluded, not a mean of batch means."""
+    lm = MegaByteLM(tiny_megabyte_config())
+    lm.model = PrefersA()
+    a, b = ord("a"), ord("b")
+    batch1 = (torch.tensor([[a, a, a, a]], dtype=torch.uint8), torch.ones(1, 4, dtype=torch.bool))
+    batch2 = (torch.tensor([[b, b, 0, 0]], dtype=torch.uint8), torch.tensor([[True, True, False, False]]))
+    lm._eval_step(batch1, lm.val_bpb, "val/bpb")
+    lm._eval_step(batch2, lm.val_bpb, "val/bpb")
+    exact = (4 * 1.0 + 2 * math.log2(510)) / 6
+    assert lm.val_bpb.compute().item() == pytest.approx(exact, rel=1e-6)  # float32 per-byte bits
+    assert abs(exact - (1.0 + math.log2(510)) / 2) > 1  # what a mean of batch means would give
+
+
+def test_validate_matches_a_manual_pass_over_the_split(text_file, tmp_path):
+    torch.manual_seed(0)
+    dm = TextDataModule(str(text_file), seq_len=64, batch_size=3, num_workers=0, cache_dir=str(tmp_path / "cache"))
+    lm = MegaByteLM(tiny_megabyte_config())
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    (result,) = trainer.validate(lm, dm)
+    val = dm.splits["val"]
+    assert len(val) % 64 != 0 and len(val) // 64 % 3 != 0  # a short last window, a short last batch
+    total_bits = 0.0
+    lm.eval()
+    with torch.no_grad():
+        for start in range(0, len(val), 64):
+            x = torch.from_numpy(val[start : start + 64].astype("int64"))[None]
+            total_bits += bits_per_byte(lm.model(x), x).double().sum().item()
+    assert result["val/bpb"] == pytest.approx(total_bits / len(val), rel=1e-6)
+
+
+def test_parameter_groups_exclude_embeddings_norms_biases():
+    lm = MegaByteLM(tiny_megabyte_config())
+    decay, no_decay = parameter_groups(lm.model, 0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    names = {id(p): n for n, p in lm.model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    not_decayed = {names[id(p)] for p in no_decay["params"]}
+    assert decayed.isdisjoint(not_decayed)
+    assert decayed | not_decayed == set(names.values())
+    assert all(n.endswith(".weight") for n in decayed)
+    for name in ("global_embedding.weight", "global_pos_embedding.weight", "local_embedding.weight",
+                 "local_pos_embedding.weight", "global_pad", "local_pad", "global_model.norm.weight",
+                 "global_model.blocks.0.attn.qkv.bias"):  # fmt: skip
+        assert name in not_decayed
+    assert "global_model.blocks.0.attn.qkv.weight" in decayed
+    assert "global_to_local.weight" in decayed
+
+
+def test_learning_rate_schedule():
+    factor = [lr_factor(s, warmup_steps=10, total_steps=110, schedule="linear", min_lr_ratio=0.0) for s in range(110)]
+    assert factor[0] == pytest.approx(0.1) and factor[9] == pytest.approx(1.0)
+    assert factor[10] == pytest.approx(1.0) and factor[60] == pytest.approx(0.5)
+    assert lr_factor(110, 10, 110, "linear", 0.1) == pytest.approx(0.1)
+    assert lr_factor(60, 10, 110, "cosine", 0.0) == pytest.approx(0.5)
+    assert lr_factor(100, 10, float("inf"), "linear", 0.0) == 1.0  # no known end: no decay
+    assert lr_factor(100, 10, 110, "constant", 0.0) == 1.0
+
+
+def test_optimizer_is_adamw_with_paper_betas(text_file, tmp_path):
+    dm = TextDataModule(str(text_file), seq_len=32, batch_size=2, num_workers=0, cache_dir=str(tmp_path / "cache"))
+    lm = MegaByteLM(tiny_megabyte_config(max_seq_len=32), lr=1e-3, warmup_steps=2)
+    trainer = L.Trainer(accelerator="cpu", max_steps=4, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)  # fmt: skip
+    trainer.fit(lm, dm)
+    (optimizer,) = trainer.optimizers
+    assert isinstance(optimizer, torch.optim.AdamW)
+    assert all(group["betas"] == (0.9, 0.98) for group in optimizer.param_groups)
+    # linear decay to 0 at max_steps: after 4 of 4 steps the learning rate is 0
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize("arch", ["megabyte", "transformer"])
+def test_checkpoint_holds_plain_hparams_and_rebuilds_the_model(arch, text_file, tmp_path):
+    config = tiny_megabyte_config(max_seq_len=32) if arch == "megabyte" else tiny_transformer_config(max_seq_len=32)
+    dm = TextDataModule(str(text_file), seq_len=32, batch_size=2, num_workers=0, cache_dir=str(tmp_path / "cache"))
+    lm = MegaByteLM(config, lr=1e-3)
+    trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)  # fmt: skip
+    trainer.fit(lm, dm)
+    path = tmp_path / "model.ckpt"
+    trainer.save_checkpoint(path)
+    ckpt = torch.load(path, weights_only=True)  # no pickled objects
+    assert ckpt["hyper_parameters"]["arch"]["init_args"]["max_seq_len"] == 32
+    restored = MegaByteLM.load_from_checkpoint(path)
+    assert restored.config == config
+    x = torch.randint(0, 256, (1, 32))
+    lm.eval()
+    restored.eval()
+    assert torch.equal(restored(x), lm(x))
+
+
+def test_rejects_bad_optimizer_settings():
+    with pytest.raises(ValueError, match="lr > 0"):
+        MegaByteLM(MegaByteConfig(), lr=0.0)
