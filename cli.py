@@ -71,6 +71,7 @@ class MegaByteCLI(LightningCLI):
 
 
 def main(args: list[str] | None = None) -> MegaByteCLI:
+    torch.set_float32_matmul_precision("high")  # TF32 for any float32 matmul on recent GPUs
     return MegaByteCLI(
         MegaByteLM,
         TextDataModule,

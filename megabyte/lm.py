@@ -16,9 +16,10 @@ from torchmetrics import MeanMetric
 from megabyte.model import VOCAB_SIZE, ByteTransformer, ByteTransformerConfig, MegaByte, MegaByteConfig, ModelConfig
 
 # Let YAML choose the architecture with ``class_path: megabyte.MegaByteConfig`` or
-# ``megabyte.ByteTransformerConfig``. Set here (not only in cli.py) because Lightning re-parses
-# a checkpoint's hyperparameters with jsonargparse in ``load_from_checkpoint``.
-set_parsing_settings(subclasses_enabled=[ModelConfig])
+# ``megabyte.ByteTransformerConfig``, and show the config fields' docstrings as CLI help. Set here
+# (not only in cli.py) because Lightning re-parses a checkpoint's hyperparameters with jsonargparse
+# in ``load_from_checkpoint``.
+set_parsing_settings(subclasses_enabled=[ModelConfig], docstring_parse_attribute_docstrings=True)
 
 
 def build_model(config: ModelConfig) -> nn.Module:
@@ -154,12 +155,8 @@ class MegaByteLM(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
-        optimizer = torch.optim.AdamW(
-            parameter_groups(self.model, hp.weight_decay),
-            lr=hp.lr,
-            betas=tuple(hp.betas),
-            fused=self.device.type == "cuda",
-        )
+        # Not fused: Lightning refuses gradient clipping with optimizers that unscale internally.
+        optimizer = torch.optim.AdamW(parameter_groups(self.model, hp.weight_decay), lr=hp.lr, betas=tuple(hp.betas))
         total_steps = self.trainer.estimated_stepping_batches
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer,
