@@ -31,6 +31,7 @@ class PrefersA(nn.Module):
         return logits
 
 
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
 def test_eval_bpb_is_total_bits_over_total_bytes():
     """Exact over the split, padding excluded, not a mean of batch means."""
     lm = MegaByteLM(tiny_megabyte_config())

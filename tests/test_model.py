@@ -132,10 +132,10 @@ def test_first_byte_prediction_depends_only_on_pads():
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        ({"max_seq_len": 1001, "patch_size": 8}, r"max_seq_len 1001 is not a multiple of patch_size 8: use max_seq_len .*1000 or 1008"),
+        ({"max_seq_len": 1001, "patch_size": 8}, r"max_seq_len 1001 is not a multiple of patch_size 8 .*: use max_seq_len 1000 or 1008"),
         ({"d_global": 36, "patch_size": 8, "max_seq_len": 64}, "d_global 36 is not a multiple of patch_size 8"),
-        ({"d_global": 48, "n_global_heads": 5}, "d_global 48 is not divisible by n_global_heads 5"),
-        ({"d_local": 18, "n_local_heads": 4}, "d_local 18 is not divisible by n_local_heads 4"),
+        ({"d_global": 48, "n_global_heads": 5}, "d_global 48 is not a multiple of n_global_heads 5: use d_global 45 or 50"),
+        ({"d_local": 18, "n_local_heads": 4}, "d_local 18 is not a multiple of n_local_heads 4: use d_local 16 or 20"),
         ({"n_local_layers": 0}, "n_local_layers must be a positive integer, got 0"),
         ({"dropout": -0.1}, "dropout must be in"),
         ({"init_std": 0.0}, "init_std must be positive"),
@@ -147,7 +147,7 @@ def test_megabyte_config_errors_name_the_option(overrides, message):
 
 
 def test_transformer_config_errors_name_the_option():
-    with pytest.raises(ValueError, match="d_model 30 is not divisible by n_heads 4: use d_model 28 or 32"):
+    with pytest.raises(ValueError, match="d_model 30 is not a multiple of n_heads 4: use d_model 28 or 32"):
         ByteTransformerConfig(d_model=30, n_heads=4)
     with pytest.raises(ValueError, match="n_layers must be a positive integer"):
         ByteTransformerConfig(n_layers=0)
