@@ -199,12 +199,17 @@ def init_weights(model: nn.Module, std: float) -> None:
     at 2 std; biases 0; LayerNorm scale 1 and shift 0."""
     for module in model.modules():
         for name, param in module.named_parameters(recurse=False):
-            if isinstance(module, nn.LayerNorm):
-                nn.init.ones_(param) if name == "weight" else nn.init.zeros_(param)
+            if isinstance(module, nn.LayerNorm) and name == "weight":
+                nn.init.ones_(param)
             elif name == "bias":
                 nn.init.zeros_(param)
             else:
                 nn.init.trunc_normal_(param, mean=0.0, std=std, a=-2 * std, b=2 * std)
+
+
+def output_logits(h: torch.Tensor, embedding: nn.Embedding, lm_head: nn.Linear | None) -> torch.Tensor:
+    """h (..., d) -> byte logits (..., 256), through ``lm_head`` or, when tied, the byte embedding."""
+    return F.linear(h, embedding.weight) if lm_head is None else lm_head(h)
 
 
 def _check_input(x: torch.Tensor, max_seq_len: int) -> None:
@@ -281,13 +286,8 @@ class MegaByte(nn.Module):
         h = self.local_model(h.view(B * K, P, d_local))  # (B*K, P, d_local)
 
         # 7. Output projection to byte logits; drop the padding.
-        logits = self._output(h).view(B, K * P, VOCAB_SIZE)  # (B, K*P, V)
+        logits = output_logits(h, self.local_embedding, self.lm_head).view(B, K * P, VOCAB_SIZE)  # (B, K*P, V)
         return logits[:, :T]
-
-    def _output(self, h: torch.Tensor) -> torch.Tensor:
-        if self.lm_head is None:
-            return F.linear(h, self.local_embedding.weight)
-        return self.lm_head(h)
 
 
 class ByteTransformer(nn.Module):
@@ -315,6 +315,4 @@ class ByteTransformer(nn.Module):
         h = torch.cat([start, self.embedding(x[:, :-1])], dim=1)  # (B, T, d): position t sees x[:, t-1]
         h = h + self.pos_embedding(torch.arange(T, device=x.device))
         h = self.transformer(h)  # (B, T, d)
-        if self.lm_head is None:
-            return F.linear(h, self.embedding.weight)  # (B, T, V)
-        return self.lm_head(h)
+        return output_logits(h, self.embedding, self.lm_head)  # (B, T, V)
