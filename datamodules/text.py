@@ -175,10 +175,10 @@ class TextDataModule(L.LightningDataModule):
             return [target]
         return corpus_files(Path(self.path).expanduser())
 
-    def cache_folder(self) -> Path:
-        """A folder named for the corpus and the identity (path, size, mtime) of its files."""
+    def cache_folder(self, files: list[Path]) -> Path:
+        """A folder named for the corpus and the identity (path, size, mtime) of its ``files``."""
         digest = hashlib.sha256()
-        for f in self.source_files():
+        for f in files:
             stat = f.stat()
             digest.update(f"{f.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
         name = Path(self.path).name.replace(".", "_") or "corpus"
@@ -188,14 +188,15 @@ class TextDataModule(L.LightningDataModule):
         """Download enwik8 if asked for, then write the corpus once as ``bytes.bin``."""
         if self.path == "enwik8":
             download_enwik8(self.cache_dir / "enwik8")
-        folder = self.cache_folder()
+        files = self.source_files()
+        folder = self.cache_folder(files)
         if (folder / "meta.json").is_file():
             return
         folder.mkdir(parents=True, exist_ok=True)
         partial = folder / "bytes.bin.part"
         n_bytes = 0
         with open(partial, "wb") as out:
-            for file in self.source_files():
+            for file in files:
                 for chunk in read_chunks(file):
                     out.write(chunk)
                     n_bytes += len(chunk)
@@ -210,7 +211,7 @@ class TextDataModule(L.LightningDataModule):
         """Memory-map the cached corpus and cut it into the train / val / test splits."""
         if self.splits:
             return
-        folder = self.cache_folder()
+        folder = self.cache_folder(self.source_files())
         if not (folder / "meta.json").is_file():
             self.prepare_data()  # e.g. when the datamodule is used outside the Trainer
         data = np.memmap(folder / "bytes.bin", dtype=np.uint8, mode="r")
