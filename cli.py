@@ -6,15 +6,17 @@ switching modality is switching the ``data:`` block. ``data.seq_len`` is linked 
 is rebuilt from the hyperparameters stored in the checkpoint.
 """
 
+import importlib
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
+from jsonargparse import Namespace
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from datamodules import TextDataModule
+from datamodules.base import ByteDataModule
 from megabyte import MegaByteLM
 
 
@@ -32,6 +34,15 @@ def checkpoint_defaults(ckpt_path: str) -> dict[str, Any]:
     return defaults
 
 
+def data_seq_len(data: Namespace) -> int:
+    """The sequence length of the chosen DataModule (``data.init_args.seq_len`` for text and audio;
+    height x width x channels for images), linked to the model's ``max_seq_len``."""
+    init_args = data.init_args.as_dict() if isinstance(data.init_args, Namespace) else dict(data.init_args)
+    module, _, name = data.class_path.rpartition(".")
+    datamodule_class = getattr(importlib.import_module(module), name)
+    return datamodule_class.seq_len_from_args(init_args)
+
+
 def ckpt_path_argument(argv: list[str]) -> str | None:
     for i, arg in enumerate(argv):
         if arg == "--ckpt_path" and i + 1 < len(argv):
@@ -43,7 +54,7 @@ def ckpt_path_argument(argv: list[str]) -> str | None:
 
 class MegaByteCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.link_arguments("data.init_args.seq_len", "model.arch.init_args.max_seq_len")
+        parser.link_arguments("data", "model.arch.init_args.max_seq_len", compute_fn=data_seq_len)
         # Always present, configurable as --checkpoint.* and --lr_monitor.*
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults(
@@ -74,7 +85,7 @@ def main(args: list[str] | None = None) -> MegaByteCLI:
     torch.set_float32_matmul_precision("high")  # TF32 for any float32 matmul on recent GPUs
     return MegaByteCLI(
         MegaByteLM,
-        TextDataModule,
+        ByteDataModule,
         subclass_mode_data=True,
         auto_configure_optimizers=False,
         save_config_kwargs={"overwrite": True},

@@ -21,12 +21,12 @@ import zipfile
 from fractions import Fraction
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data import DataLoader, Dataset, RandomSampler
 
-from datamodules.windows import EvalWindows, RandomWindows, pad_collate
+from datamodules.base import ByteDataModule, Bytes, as_uint8
+from datamodules.windows import EvalWindows, RandomWindows
 
 log = logging.getLogger(__name__)
 
@@ -117,12 +117,19 @@ def download_enwik8(folder: Path) -> Path:
     return target
 
 
-class TextDataModule(L.LightningDataModule):
+def bytes_to_text(data: Bytes) -> str:
+    """Bytes -> str, decoded as UTF-8 with invalid sequences replaced by U+FFFD."""
+    return as_uint8(data).tobytes().decode("utf-8", errors="replace")
+
+
+class TextDataModule(ByteDataModule):
     """Any file, folder or named corpus as a stream of bytes, split contiguously.
 
     Batches are ``(x, mask)``: ``x`` uint8 (B, seq_len) bytes, ``mask`` bool (B, seq_len),
     False on the padding of the last, shorter evaluation window.
     """
+
+    media = "text"
 
     def __init__(
         self,
@@ -236,21 +243,26 @@ class TextDataModule(L.LightningDataModule):
         return self._loader(windows, sampler=sampler, drop_last=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(EvalWindows(self.splits["val"], self.seq_len))
+        return self._loader(self.eval_dataset("val"))
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(EvalWindows(self.splits["test"], self.seq_len))
+        return self._loader(self.eval_dataset("test"))
 
     def predict_dataloader(self) -> DataLoader:
         return self.test_dataloader()
 
-    def _loader(self, dataset, **kwargs) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            collate_fn=pad_collate,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
-            **kwargs,
-        )
+    def eval_dataset(self, split: str) -> Dataset:
+        """Consecutive windows of ``seq_len`` bytes covering the split once (the last may be shorter)."""
+        return EvalWindows(self.splits[split], self.seq_len)
+
+    # -- bytes -> text ------------------------------------------------------------------------
+
+    def decode(self, data: Bytes) -> str:
+        """Bytes -> str, invalid UTF-8 replaced by U+FFFD."""
+        return bytes_to_text(data)
+
+    def save(self, data: Bytes, path: str | Path) -> Path:
+        """Write the bytes as they are (any encoding survives) to ``path`` with suffix ``.txt``."""
+        path = Path(path).with_suffix(".txt")
+        path.write_bytes(as_uint8(data).tobytes())
+        return path

@@ -1,0 +1,87 @@
+"""What every modality's DataModule offers beyond Lightning's: bytes back to media.
+
+A DataModule turns its media into byte sequences for training (``(x, mask)`` batches, see
+``datamodules/windows.py``) and back again for people to look at: ``decode`` gives the medium
+(text, an image tensor, a waveform), ``save`` writes it as a file of the medium's own format, and
+``examples`` hands out validation sequences to prompt generation with. The CLI and the sample
+callback only use this interface, so switching modality is switching the ``data:`` block.
+"""
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from datamodules.windows import pad_collate
+
+Bytes = bytes | bytearray | np.ndarray | torch.Tensor
+
+
+def as_uint8(data: Bytes) -> np.ndarray:
+    """Any byte container -> uint8 numpy array (N,). Tensors and arrays must hold values 0..255."""
+    if isinstance(data, torch.Tensor):
+        data = data.detach().cpu().numpy()
+    if isinstance(data, (bytes, bytearray)):
+        return np.frombuffer(bytes(data), dtype=np.uint8)
+    data = np.asarray(data).reshape(-1)
+    if data.dtype != np.uint8:
+        if data.size and (data.min() < 0 or data.max() > 255):
+            raise ValueError(f"byte values must be in 0..255, got {data.min()}..{data.max()}")
+        data = data.astype(np.uint8)
+    return data
+
+
+class ByteDataModule(L.LightningDataModule):
+    """Base of the text, image and audio DataModules.
+
+    Subclasses set ``media`` ("text", "image" or "audio"), ``seq_len`` (bytes per sequence) and
+    implement ``decode``, ``save`` and ``eval_dataset``.
+    """
+
+    media: str = "bytes"
+    """How the sample callback shows a decoded sequence: "text", "image" or "audio"."""
+    seq_len: int
+    batch_size: int
+    num_workers: int
+
+    @classmethod
+    def seq_len_from_args(cls, init_args: dict[str, Any]) -> int:
+        """The sequence length the arguments ``init_args`` of ``__init__`` give, without building the
+        DataModule. The CLI links it to the model's ``max_seq_len``."""
+        return int(init_args["seq_len"])
+
+    def decode(self, data: Bytes) -> Any:
+        """Any byte sequence -> the medium (never raises on byte content)."""
+        raise NotImplementedError
+
+    def save(self, data: Bytes, path: str | Path) -> Path:
+        """Write ``data`` decoded as a file of the medium's format; ``path``'s suffix is replaced by the
+        medium's (``.txt``, ``.png``, ``.wav``). Returns the path written."""
+        raise NotImplementedError
+
+    def eval_dataset(self, split: str) -> Dataset:
+        """The evaluation sequences of ``split`` ("val" or "test"): uint8 tensors (L,), L <= seq_len.
+        Needs ``setup``."""
+        raise NotImplementedError
+
+    def examples(self, n: int, split: str = "val") -> list[torch.Tensor]:
+        """``n`` sequences spread evenly over ``split`` (uint8 (L,) each), to prompt generation with."""
+        if n < 1:
+            raise ValueError(f"n must be a positive integer, got {n}")
+        dataset = self.eval_dataset(split)
+        indices = np.linspace(0, len(dataset) - 1, min(n, len(dataset))).round().astype(int)
+        return [dataset[int(i)] for i in indices]
+
+    def _loader(self, dataset: Dataset, **kwargs: Any) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            collate_fn=pad_collate,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+            **kwargs,
+        )
