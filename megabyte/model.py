@@ -7,7 +7,8 @@ D_G = d_global / P (per-byte global width).
 
 Both models share one contract: ``forward(x)`` with ``x: LongTensor (B, T)``, values 0..255,
 returns logits ``(B, T, 256)`` where ``logits[:, t]`` predicts ``x[:, t]`` from ``x[:, :t]``.
-The targets are the input itself; no external shift is needed.
+The targets are the input itself; no external shift is needed. ``generate(prompt, ...)``
+continues a prompt byte by byte with key/value caches.
 """
 
 import math
@@ -18,6 +19,33 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 VOCAB_SIZE = 256  # one token per byte value
+
+
+class KVCache:
+    """The keys and values one attention layer has seen, for decoding a few positions at a time.
+
+    Buffers (N, nh, max_len, hs) are allocated on the first ``append`` with the dtype and device
+    of the keys; ``length`` positions are filled.
+    """
+
+    def __init__(self, max_len: int) -> None:
+        self.max_len = max_len
+        self.length = 0
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v: (N, nh, L, hs) of the next L positions -> all keys and values so far (N, nh, length, hs)."""
+        L = k.shape[2]
+        if self.length + L > self.max_len:
+            raise ValueError(f"KVCache holds {self.max_len} positions; cannot add {L} to {self.length}")
+        if self.k is None:
+            self.k = k.new_empty(*k.shape[:2], self.max_len, k.shape[3])
+            self.v = v.new_empty(*v.shape[:2], self.max_len, v.shape[3])
+        self.k[:, :, self.length : self.length + L] = k
+        self.v[:, :, self.length : self.length + L] = v
+        self.length += L
+        return self.k[:, :, : self.length], self.v[:, :, : self.length]
 
 
 class CausalSelfAttention(nn.Module):
@@ -34,14 +62,22 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(d_model, d_model)
         self.resid_dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (N, L, d) -> (N, L, d)."""
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """x: (N, L, d) -> (N, L, d). With a ``cache``, x holds the L positions after the cached ones."""
         N, L, d = x.shape
         q, k, v = self.qkv(x).split(d, dim=-1)  # 3 x (N, L, d)
         # (N, L, d) -> (N, nh, L, hs)
         q, k, v = (t.view(N, L, self.n_heads, d // self.n_heads).transpose(1, 2) for t in (q, k, v))
+        mask, is_causal = None, True
+        if cache is not None:
+            k, v = cache.append(k, v)  # (N, nh, S, hs), S = cached + L
+            S = k.shape[2]
+            if L == 1:  # one new position sees everything cached
+                is_causal = False
+            elif L < S:  # new position i sees the cached ones and new ones up to i
+                mask, is_causal = torch.ones(L, S, dtype=torch.bool, device=x.device).tril(S - L), False
         y = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=is_causal
         )  # (N, nh, L, hs)
         y = y.transpose(1, 2).reshape(N, L, d)  # (N, L, d)
         return self.resid_dropout(self.proj(y))
@@ -70,8 +106,8 @@ class Block(nn.Module):
         self.mlp_norm = nn.LayerNorm(d_model)
         self.mlp = FeedForward(d_model, d_hidden, dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x))
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cache)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -86,11 +122,18 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(d_model, n_heads, d_hidden, dropout) for _ in range(n_layers))
         self.norm = nn.LayerNorm(d_model)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (N, L, d_model) -> (N, L, d_model), position l attends to positions <= l."""
-        for block in self.blocks:
-            x = block(x)
+    def forward(self, x: torch.Tensor, caches: list[KVCache] | None = None) -> torch.Tensor:
+        """x: (N, L, d_model) -> (N, L, d_model), position l attends to positions <= l.
+
+        With ``caches`` (one per block, from ``new_caches``), x continues the cached positions.
+        """
+        for i, block in enumerate(self.blocks):
+            x = block(x, None if caches is None else caches[i])
         return self.norm(x)
+
+    def new_caches(self, max_len: int) -> list[KVCache]:
+        """Empty key/value caches for decoding up to ``max_len`` positions."""
+        return [KVCache(max_len) for _ in self.blocks]
 
 
 def _require(condition: bool, message: str) -> None:
@@ -221,10 +264,101 @@ def _check_input(x: torch.Tensor, max_seq_len: int) -> None:
         raise ValueError(f"sequence length {x.shape[1]} is outside 1..max_seq_len ({max_seq_len})")
 
 
-class MegaByte(nn.Module):
+def sample_next_byte(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """logits (B, 256) -> LongTensor (B,) of sampled bytes.
+
+    ``temperature`` 0 is greedy (argmax); otherwise logits / temperature are restricted to the
+    ``top_k`` most likely bytes and to the smallest set whose probability reaches ``top_p``.
+    """
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < VOCAB_SIZE:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, 256)
+        probs = sorted_logits.softmax(dim=-1)
+        # Drop a byte when the more likely ones already reach top_p (the most likely always stays).
+        drop = probs.cumsum(dim=-1) - probs >= top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+def _check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    _require(temperature >= 0, f"temperature must be >= 0 (0 is greedy), got {temperature}")
+    _require(top_k is None or 1 <= top_k <= VOCAB_SIZE, f"top_k must be in 1..{VOCAB_SIZE} or None, got {top_k}")
+    _require(top_p is None or 0 < top_p <= 1, f"top_p must be in (0, 1] or None, got {top_p}")
+
+
+class ByteModel(nn.Module):
+    """What both architectures share: sampling bytes one at a time from their key/value-cached
+    decoders. Subclasses implement ``forward``, ``prefill`` and ``decode_step``."""
+
+    config: ModelConfig
+
+    def prefill(self, prompt: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """prompt LongTensor (B, n), 0 <= n < max_seq_len -> (logits (B, 256) of byte n, decoding state)."""
+        raise NotImplementedError
+
+    def decode_step(self, x: torch.Tensor, t: int, state: dict) -> torch.Tensor:
+        """Logits (B, 256) of byte ``t`` given ``x[:, :t]``, after ``x[:, t - 1]`` was chosen."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt: torch.Tensor,
+        max_new_bytes: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Continue ``prompt`` by ``max_new_bytes`` sampled bytes.
+
+        prompt: LongTensor (B, n), values 0..255 (n may be 0); n + max_new_bytes <= max_seq_len.
+        temperature: 0 is greedy decoding; top_k / top_p restrict sampling (see ``sample_next_byte``).
+        generator: the random generator of the sampling, for reproducible samples.
+        Returns LongTensor (B, n + max_new_bytes): the prompt followed by the new bytes.
+        The model runs in eval mode (no dropout) and is put back in its previous mode.
+        """
+        _require(prompt.dim() == 2, f"expected prompt of shape (B, n), got {tuple(prompt.shape)}")
+        _require(prompt.dtype == torch.long, f"expected prompt of dtype torch.long, got {prompt.dtype}")
+        _require(max_new_bytes >= 0, f"max_new_bytes must be >= 0, got {max_new_bytes}")
+        _check_sampling(temperature, top_k, top_p)
+        B, n = prompt.shape
+        total = n + max_new_bytes
+        _require(
+            total <= self.config.max_seq_len,
+            f"prompt ({n} bytes) + max_new_bytes ({max_new_bytes}) exceeds max_seq_len {self.config.max_seq_len}",
+        )
+        x = torch.cat([prompt, prompt.new_zeros(B, max_new_bytes)], dim=1)  # (B, total)
+        if max_new_bytes == 0:
+            return x
+        was_training = self.training
+        self.eval()
+        try:
+            logits, state = self.prefill(prompt)
+            for t in range(n, total):
+                x[:, t] = sample_next_byte(logits, temperature, top_k, top_p, generator)
+                if t + 1 < total:
+                    logits = self.decode_step(x, t + 1, state)
+        finally:
+            self.train(was_training)
+        return x
+
+
+class MegaByte(ByteModel):
     """MEGABYTE: a global transformer over patches of P bytes and a local transformer
     that predicts the bytes inside each patch."""
-
     def __init__(self, config: MegaByteConfig) -> None:
         super().__init__()
         self.config = config
@@ -254,6 +388,26 @@ class MegaByte(nn.Module):
         self.lm_head = None if config.tie_embeddings else nn.Linear(d_local, VOCAB_SIZE, bias=False)
         init_weights(self, config.init_std)
 
+    def embed_patches(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Patch embedder. x: LongTensor (B, k*P), bytes from position ``start`` on -> (B, k, d_global):
+        per-byte global embeddings plus positions, concatenated per patch."""
+        B, L = x.shape
+        positions = torch.arange(start, start + L, device=x.device)
+        h = self.global_embedding(x) + self.global_pos_embedding(positions)  # (B, k*P, D_G)
+        return h.view(B, L // self.config.patch_size, self.config.d_global)  # (B, k, d_global)
+
+    def local_input(self, context: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
+        """Input of the local model at patch positions 0..L-1 (L <= P).
+
+        context: (..., L, d_local), the projected global output for those positions.
+        prev: LongTensor (..., L - 1), the bytes before positions 1..L of the patch.
+        Returns context + previous-byte embedding (the local pad at p = 0) + position: (..., L, d_local).
+        """
+        L = context.shape[-2]
+        pad = self.local_pad.expand(*prev.shape[:-1], 1, self.config.d_local)  # (..., 1, d_local)
+        prev = torch.cat([pad, self.local_embedding(prev)], dim=-2)  # (..., L, d_local)
+        return context + prev + self.local_pos_embedding.weight[:L]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: LongTensor (B, T), values 0..255, 1 <= T <= max_seq_len -> logits (B, T, 256).
 
@@ -267,9 +421,7 @@ class MegaByte(nn.Module):
         x = F.pad(x, (0, K * P - T))  # (B, K*P)
 
         # 1. Patch embedder: (B, K*P, D_G) concatenated per patch into (B, K, P*D_G).
-        positions = torch.arange(K * P, device=x.device)
-        h = self.global_embedding(x) + self.global_pos_embedding(positions)  # (B, K*P, D_G)
-        h = h.view(B, K, d_global)  # (B, K, d_global)
+        h = self.embed_patches(x)  # (B, K, d_global)
         # 2. Shift by one patch: prepend the pad patch, drop the last patch.
         pad = self.global_pad.expand(B, 1, d_global)  # (B, 1, d_global)
         h = torch.cat([pad, h[:, :-1]], dim=1)  # (B, K, d_global)
@@ -279,9 +431,7 @@ class MegaByte(nn.Module):
         # 4. Split every global output into P chunks of D_G and project each with w_GL.
         h = self.global_to_local(h.view(B, K, P, d_global // P))  # (B, K, P, d_local)
         # 5. Add the embedding of the previous byte in the patch (the local pad at p = 0).
-        prev = self.local_embedding(x.view(B, K, P)[:, :, :-1])  # (B, K, P-1, d_local)
-        pad = self.local_pad.expand(B, K, 1, d_local)  # (B, K, 1, d_local)
-        h = h + torch.cat([pad, prev], dim=2) + self.local_pos_embedding.weight  # (B, K, P, d_local)
+        h = self.local_input(h, x.view(B, K, P)[:, :, :-1])  # (B, K, P, d_local)
         # 6. Local model over all B*K patches as one batch of length-P sequences.
         h = self.local_model(h.view(B * K, P, d_local))  # (B*K, P, d_local)
 
@@ -289,8 +439,43 @@ class MegaByte(nn.Module):
         logits = output_logits(h, self.local_embedding, self.lm_head).view(B, K * P, VOCAB_SIZE)  # (B, K*P, V)
         return logits[:, :T]
 
+    # -- decoding with key/value caches: the global model once per patch, the local one per byte --
 
-class ByteTransformer(nn.Module):
+    def _global_context(self, h: torch.Tensor, state: dict) -> torch.Tensor:
+        """h (B, L, d_global) global inputs after the cached ones -> projected output of the last
+        position, the context of the patch being decoded: (B, P, d_local)."""
+        B, P = h.shape[0], self.config.patch_size
+        h = self.global_model(h, state["global"])[:, -1]  # (B, d_global)
+        return self.global_to_local(h.view(B, P, -1))  # (B, P, d_local)
+
+    def prefill(self, prompt: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        B, n = prompt.shape
+        P = self.config.patch_size
+        state = {
+            "global": self.global_model.new_caches(self.config.max_seq_len // P),
+            "local": self.local_model.new_caches(P),
+        }
+        c, r = divmod(n, P)  # c whole patches, r bytes of the current one
+        pad = self.global_pad.expand(B, 1, self.config.d_global)  # (B, 1, d_global)
+        h = torch.cat([pad, self.embed_patches(prompt[:, : c * P])], dim=1)  # (B, c+1, d_global)
+        state["context"] = self._global_context(h, state)  # (B, P, d_local)
+        h = self.local_input(state["context"][:, : r + 1], prompt[:, c * P :])  # (B, r+1, d_local)
+        h = self.local_model(h, state["local"])[:, -1]  # (B, d_local)
+        return output_logits(h, self.local_embedding, self.lm_head), state
+
+    def decode_step(self, x: torch.Tensor, t: int, state: dict) -> torch.Tensor:
+        P = self.config.patch_size
+        p = t % P  # position of byte t in its patch
+        if p == 0:  # a patch is complete: the global model reads it, the local model starts afresh
+            state["context"] = self._global_context(self.embed_patches(x[:, t - P : t], t - P), state)
+            for cache in state["local"]:
+                cache.length = 0
+        h = self.local_input(state["context"][:, : p + 1], x[:, t - p : t])[:, -1:]  # (B, 1, d_local)
+        h = self.local_model(h, state["local"])[:, -1]  # (B, d_local)
+        return output_logits(h, self.local_embedding, self.lm_head)
+
+
+class ByteTransformer(ByteModel):
     """Byte-level decoder-only Transformer: the baseline MEGABYTE is compared against.
 
     Built from the same blocks; the input is shifted by one byte behind a trainable start vector.
@@ -310,9 +495,22 @@ class ByteTransformer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: LongTensor (B, T), values 0..255, 1 <= T <= max_seq_len -> logits (B, T, 256)."""
         _check_input(x, self.config.max_seq_len)
-        B, T = x.shape
-        start = self.start.expand(B, 1, self.config.d_model)  # (B, 1, d)
-        h = torch.cat([start, self.embedding(x[:, :-1])], dim=1)  # (B, T, d): position t sees x[:, t-1]
-        h = h + self.pos_embedding(torch.arange(T, device=x.device))
-        h = self.transformer(h)  # (B, T, d)
+        h = self.transformer(self.shifted_input(x[:, :-1]))  # (B, T, d): position t sees x[:, t-1]
         return output_logits(h, self.embedding, self.lm_head)  # (B, T, V)
+
+    def shifted_input(self, prev: torch.Tensor) -> torch.Tensor:
+        """prev: LongTensor (B, L-1) -> input (B, L, d): start vector, then byte embeddings, plus positions."""
+        start = self.start.expand(prev.shape[0], 1, self.config.d_model)  # (B, 1, d)
+        h = torch.cat([start, self.embedding(prev)], dim=1)  # (B, L, d)
+        return h + self.pos_embedding(torch.arange(h.shape[1], device=h.device))
+
+    def prefill(self, prompt: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        state = {"caches": self.transformer.new_caches(self.config.max_seq_len)}
+        h = self.transformer(self.shifted_input(prompt), state["caches"])[:, -1]  # (B, d)
+        return output_logits(h, self.embedding, self.lm_head), state
+
+    def decode_step(self, x: torch.Tensor, t: int, state: dict) -> torch.Tensor:
+        position = torch.tensor([t], device=x.device)
+        h = self.embedding(x[:, t - 1 : t]) + self.pos_embedding(position)  # (B, 1, d)
+        h = self.transformer(h, state["caches"])[:, -1]  # (B, d)
+        return output_logits(h, self.embedding, self.lm_head)

@@ -1,0 +1,111 @@
+"""Key/value-cached generation gives what a full forward recomputation gives, for both architectures."""
+
+import pytest
+import torch
+
+from megabyte import ByteTransformer, MegaByte
+from megabyte.model import Transformer, sample_next_byte
+from tests.conftest import tiny_megabyte_config, tiny_transformer_config
+
+# init_std 0.3 spreads the logits far apart, so greedy choices never hang on a rounding tie.
+MODELS = {
+    "megabyte": lambda: MegaByte(tiny_megabyte_config(init_std=0.3)),
+    "transformer": lambda: ByteTransformer(tiny_transformer_config(init_std=0.3)),
+}
+
+
+@pytest.fixture(params=sorted(MODELS))
+def model(request) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return MODELS[request.param]().eval()
+
+
+def greedy_by_recomputation(model: torch.nn.Module, prompt: torch.Tensor, total: int) -> torch.Tensor:
+    """Greedy decoding the slow way: a full forward over the whole sequence for every new byte."""
+    x = prompt
+    while x.shape[1] < total:
+        logits = model(torch.cat([x, x.new_zeros(len(x), 1)], dim=1))[:, -1]  # prediction of the next byte
+        x = torch.cat([x, logits.argmax(dim=-1, keepdim=True)], dim=1)
+    return x
+
+
+# patch_size is 4: prompts that are empty, end on a patch boundary (4, 8) and inside a patch (1, 6, 13)
+@pytest.mark.parametrize("n", [0, 1, 4, 6, 8, 13])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_greedy_cached_generation_equals_recomputation(model, n, dtype):
+    model = model.to(dtype)
+    prompt = torch.randint(0, 256, (3, n), generator=torch.Generator().manual_seed(n))
+    total = model.config.max_seq_len  # 64: the whole context, across many patches
+    cached = model.generate(prompt, total - n, temperature=0)
+    assert cached.shape == (3, total) and torch.equal(cached[:, :n], prompt)
+    assert torch.equal(cached, greedy_by_recomputation(model, prompt, total))
+
+
+@pytest.mark.parametrize("n", [0, 3, 4, 9])
+def test_cached_logits_match_the_full_forward(model, n):
+    x = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(1))
+    reference = model(x)  # (2, 40, 256)
+    with torch.no_grad():
+        logits, state = model.prefill(x[:, :n])
+        torch.testing.assert_close(logits, reference[:, n], atol=1e-5, rtol=1e-5)
+        for t in range(n + 1, 40):
+            logits = model.decode_step(x, t, state)
+            torch.testing.assert_close(logits, reference[:, t], atol=1e-5, rtol=1e-5)
+
+
+def test_transformer_fed_in_chunks_through_its_caches_equals_one_pass():
+    torch.manual_seed(0)
+    transformer = Transformer(d_model=16, n_layers=2, n_heads=2, d_hidden=32, dropout=0.0).eval()
+    h = torch.randn(2, 11, 16)
+    caches = transformer.new_caches(11)
+    with torch.no_grad():
+        chunks = [transformer(h[:, a:b], caches) for a, b in ((0, 3), (3, 4), (4, 9), (9, 11))]
+    torch.testing.assert_close(torch.cat(chunks, dim=1), transformer(h), atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="KVCache holds 11 positions"):
+        transformer(h[:, :1], caches)
+
+
+def test_sampling_is_reproducible_and_restricted(model):
+    prompt = torch.randint(0, 256, (2, 5), generator=torch.Generator().manual_seed(0))
+    a = model.generate(prompt, 20, temperature=1.0, generator=torch.Generator().manual_seed(7))
+    b = model.generate(prompt, 20, temperature=1.0, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(a, b)
+    greedy = model.generate(prompt, 20, temperature=0)
+    assert torch.equal(model.generate(prompt, 20, top_k=1, generator=torch.Generator().manual_seed(3)), greedy)
+    assert torch.equal(model.generate(prompt, 20, top_p=1e-6, generator=torch.Generator().manual_seed(3)), greedy)
+    assert 0 <= int(a.min()) and int(a.max()) <= 255
+
+
+def test_sample_next_byte_follows_the_distribution():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.2] + [0.0] * 253])).expand(20_000, 256)
+    generator = torch.Generator().manual_seed(0)
+    counts = torch.bincount(sample_next_byte(logits, generator=generator), minlength=256).float() / 20_000
+    torch.testing.assert_close(counts[:3], torch.tensor([0.5, 0.3, 0.2]), atol=0.015, rtol=0)
+    top2 = torch.bincount(sample_next_byte(logits, top_k=2, generator=generator), minlength=256).float() / 20_000
+    torch.testing.assert_close(top2[:3], torch.tensor([0.625, 0.375, 0.0]), atol=0.015, rtol=0)
+    # top_p 0.6: bytes 0 and 1 (0.5 alone does not reach 0.6), renormalised
+    nucleus = torch.bincount(sample_next_byte(logits, top_p=0.6, generator=generator), minlength=256).float() / 20_000
+    torch.testing.assert_close(nucleus[:3], torch.tensor([0.625, 0.375, 0.0]), atol=0.015, rtol=0)
+    # a low temperature sharpens: p ~ p^(1/T), T = 0.5 -> 0.25 : 0.09 : 0.04
+    cold = torch.bincount(sample_next_byte(logits, temperature=0.5, generator=generator), minlength=256).float()
+    torch.testing.assert_close(cold[:3] / 20_000, torch.tensor([25, 9, 4]) / 38, atol=0.015, rtol=0)
+
+
+def test_generate_keeps_training_mode_and_checks_its_arguments():
+    torch.manual_seed(0)
+    model = MegaByte(tiny_megabyte_config(dropout=0.5)).train()
+    prompt = torch.zeros(1, 3, dtype=torch.long)
+    # dropout is off while generating: greedy decoding is deterministic
+    assert torch.equal(model.generate(prompt, 10, temperature=0), model.generate(prompt, 10, temperature=0))
+    assert model.training
+    assert torch.equal(model.generate(prompt, 0), prompt)
+    with pytest.raises(ValueError, match="exceeds max_seq_len 64"):
+        model.generate(prompt, 62)
+    with pytest.raises(ValueError, match="temperature must be >= 0"):
+        model.generate(prompt, 4, temperature=-1)
+    with pytest.raises(ValueError, match="top_k must be in 1..256"):
+        model.generate(prompt, 4, top_k=0)
+    with pytest.raises(ValueError, match="top_p must be in"):
+        model.generate(prompt, 4, top_p=1.5)
+    with pytest.raises(ValueError, match="dtype torch.long"):
+        model.generate(prompt.to(torch.uint8), 4)
