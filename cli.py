@@ -1,12 +1,14 @@
-"""Command-line entry point: ``python cli.py {fit,validate,test,predict} --config configs/X.yaml``.
+"""Command-line entry point: ``python cli.py {fit,validate,test,predict,generate} --config configs/X.yaml``.
 
 The datamodule is chosen in subclass mode (``data: class_path: datamodules.TextDataModule``), so
 switching modality is switching the ``data:`` block. ``data.seq_len`` is linked to the model's
 ``max_seq_len``: it is typed once. With ``--ckpt_path FILE`` the model (and, unless given, the data)
-is rebuilt from the hyperparameters stored in the checkpoint.
+is rebuilt from the hyperparameters stored in the checkpoint. ``generate --ckpt_path FILE`` writes
+samples as files of the data's medium (``.txt``, ``.png``, ``.wav``).
 """
 
 import importlib
+import inspect
 import sys
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,9 @@ import torch
 from jsonargparse import Namespace
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
 
+from callbacks.samples import SampleCallback, validation_prompts
 from datamodules.base import ByteDataModule
 from megabyte import MegaByteLM
 
@@ -69,6 +73,92 @@ class MegaByteCLI(LightningCLI):
         )
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
+        parser.add_lightning_class_args(SampleCallback, "samples")
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {**LightningCLI.subcommands(), "generate": {"model", "datamodule"}}
+
+    def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
+        """Lightning's subcommands (methods of the Trainer) plus ``generate`` (a method of this class)."""
+        self._subcommand_parsers = {}
+        parser_subcommands = parser.add_subcommands()
+        for name in self.subcommands():
+            klass = type(self) if name == "generate" else self.trainer_class
+            description = inspect.getdoc(getattr(klass, name)).split("\n")[0]
+            subparser_kwargs = {"description": description, **kwargs.get(name, {})}
+            self._subcommand_parsers[name] = self._prepare_subcommand_parser(klass, name, **subparser_kwargs)
+            parser_subcommands.add_subcommand(name, self._subcommand_parsers[name], help=description)
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        if subcommand == "generate":  # not a Trainer method
+            self.generate(**self._prepare_subcommand_kwargs(subcommand))
+        else:
+            super()._run_subcommand(subcommand)
+
+    def generate(
+        self,
+        model: MegaByteLM,
+        datamodule: ByteDataModule,
+        ckpt_path: str,
+        output_dir: str = "samples",
+        n_samples: int = 4,
+        prompt_file: str | None = None,
+        sample_len: int | None = None,
+        prompt_fraction: float = 0.5,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int = 0,
+    ) -> list[Path]:
+        """Generate samples from a checkpoint into files of the data's medium (.txt, .png or .wav).
+
+        Args:
+            ckpt_path: The checkpoint to sample from; it also gives the model (and, unless
+                configured, the data).
+            output_dir: Folder for ``sample_{i}`` and, with validation prompts, ``original_{i}``.
+            n_samples: Number of samples.
+            prompt_file: Prompt with this file, encoded by the DataModule (text: its bytes); by
+                default every sample continues the first ``prompt_fraction`` of a validation sequence.
+            sample_len: Bytes per sample, prompt included; default ``data.seq_len`` (the whole image).
+            prompt_fraction: Share of a validation sequence given as the prompt.
+            temperature: Sampling temperature; 0 is greedy.
+            top_k: Sample among the k most likely bytes only.
+            top_p: Sample from the smallest set of bytes whose probability reaches top_p.
+            seed: Seed of the sampling.
+        """
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        model.load_state_dict(checkpoint["state_dict"])
+        sample_len = sample_len or datamodule.seq_len
+        if not 1 <= sample_len <= model.config.max_seq_len:
+            raise ValueError(f"sample_len must be in 1..{model.config.max_seq_len} (the model's max_seq_len)")
+        originals = None
+        if prompt_file is not None:
+            prompt = datamodule.encode_file(prompt_file).long()
+            if len(prompt) >= sample_len:
+                raise ValueError(
+                    f"prompt_file {prompt_file!r} gives {len(prompt)} bytes, sample_len is {sample_len}: "
+                    f"use a shorter prompt or a larger --sample_len"
+                )
+            prompts = prompt.expand(n_samples, -1)
+        else:
+            datamodule.prepare_data()
+            datamodule.setup("validate")
+            prompts, originals, sample_len = validation_prompts(datamodule, n_samples, sample_len, prompt_fraction)
+        device = self.trainer.strategy.root_device
+        model.to(device)
+        generator = torch.Generator(device=device).manual_seed(seed)
+        with self.trainer.precision_plugin.forward_context():
+            samples = model.model.generate(
+                prompts.to(device), sample_len - prompts.shape[1], temperature, top_k, top_p, generator
+            ).cpu()
+        folder = Path(output_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        written = [datamodule.save(sample, folder / f"sample_{i}") for i, sample in enumerate(samples)]
+        if originals is not None:
+            written += [datamodule.save(original, folder / f"original_{i}") for i, original in enumerate(originals)]
+        rank_zero_info(f"{len(samples)} samples of {sample_len} bytes ({prompts.shape[1]} of prompt) in {folder}")
+        return written
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         # A checkpoint's hyperparameters become defaults: a config file and the command line

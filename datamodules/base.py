@@ -62,17 +62,28 @@ class ByteDataModule(L.LightningDataModule):
         medium's (``.txt``, ``.png``, ``.wav``). Returns the path written."""
         raise NotImplementedError
 
+    def encode_file(self, path: str | Path) -> torch.Tensor:
+        """A file of the medium -> its bytes as the model sees them, uint8 (L,). Here: the file's
+        bytes as they are; the image and audio DataModules decode and encode their media."""
+        data = Path(path).read_bytes()
+        if not data:
+            raise ValueError(f"file {str(path)!r} is empty")
+        return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
     def eval_dataset(self, split: str) -> Dataset:
         """The evaluation sequences of ``split`` ("val" or "test"): uint8 tensors (L,), L <= seq_len.
         Needs ``setup``."""
         raise NotImplementedError
 
     def examples(self, n: int, split: str = "val") -> list[torch.Tensor]:
-        """``n`` sequences spread evenly over ``split`` (uint8 (L,) each), to prompt generation with."""
+        """``n`` sequences spread evenly over ``split`` (uint8 (L,) each), to prompt generation with.
+
+        The last sequence, which may be a short remainder, is used only when there are no others."""
         if n < 1:
             raise ValueError(f"n must be a positive integer, got {n}")
         dataset = self.eval_dataset(split)
-        indices = np.linspace(0, len(dataset) - 1, min(n, len(dataset))).round().astype(int)
+        candidates = len(dataset) - 1 if len(dataset) > 1 else 1
+        indices = np.linspace(0, candidates - 1, min(n, candidates)).round().astype(int)
         return [dataset[int(i)] for i in indices]
 
     def _loader(self, dataset: Dataset, **kwargs: Any) -> DataLoader:
