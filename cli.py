@@ -20,6 +20,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
 from callbacks.samples import SampleCallback, validation_prompts
+from callbacks.throughput import ThroughputCallback
 from datamodules.base import ByteDataModule
 from megabyte import MegaByteLM
 
@@ -74,6 +75,7 @@ class MegaByteCLI(LightningCLI):
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
         parser.add_lightning_class_args(SampleCallback, "samples")
+        parser.add_lightning_class_args(ThroughputCallback, "throughput")
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:

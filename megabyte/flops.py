@@ -1,0 +1,60 @@
+"""Analytic FLOPs per byte of a training step, for throughput and MFU.
+
+Counts what ``torch.utils.flop_counter.FlopCounterMode`` counts on a GPU over one training step
+(forward + backward): every matrix multiplication (2 FLOPs per multiply-add; the backward pass
+costs twice the forward) and the attention score / value products at their full square size
+(causal masking is not subtracted). Flash attention's backward recomputes the scores, so the
+attention products cost 3.5x their forward in a training step, the linear layers 3x.
+Embedding lookups, norms and activations are not counted.
+"""
+
+from dataclasses import dataclass
+
+from megabyte.model import VOCAB_SIZE, ByteTransformerConfig, MegaByteConfig, ModelConfig
+
+
+@dataclass
+class ForwardFlops:
+    """Forward FLOPs per byte, split by kind."""
+
+    linear: float
+    """Linear layers and the output projection."""
+    attention: float
+    """The two attention products (scores q k^T and scores @ v)."""
+
+    def training(self) -> float:
+        """FLOPs per byte of a training step (forward + backward, flash attention's recompute included)."""
+        return 3.0 * self.linear + 3.5 * self.attention
+
+
+def _block_linear(d: int, ffn_ratio: int) -> float:
+    """Linear FLOPs of one block per position: q, k, v and output projections (4 d^2) and the
+    feed-forward (2 * ffn_ratio * d^2), times 2 FLOPs per multiply-add."""
+    return 2.0 * (4 + 2 * ffn_ratio) * d * d
+
+
+def forward_flops_per_byte(config: ModelConfig, seq_len: int) -> ForwardFlops:
+    """Forward FLOPs per byte of ``config``'s model on sequences of ``seq_len`` bytes."""
+    if isinstance(config, MegaByteConfig):
+        P, D, d = config.patch_size, config.d_global, config.d_local
+        K = -(-seq_len // P)  # patches
+        # The global model runs once per patch (1 / P per byte) over K positions; the local model
+        # once per byte over P positions.
+        linear = (
+            config.n_global_layers * _block_linear(D, config.ffn_ratio) / P
+            + 2.0 * (D // P) * d  # global-to-local projection, per byte
+            + config.n_local_layers * _block_linear(d, config.ffn_ratio)
+            + 2.0 * d * VOCAB_SIZE  # output projection
+        )
+        attention = config.n_global_layers * 4.0 * K * D / P + config.n_local_layers * 4.0 * P * d
+        return ForwardFlops(linear, attention)
+    if isinstance(config, ByteTransformerConfig):
+        d = config.d_model
+        linear = config.n_layers * _block_linear(d, config.ffn_ratio) + 2.0 * d * VOCAB_SIZE
+        return ForwardFlops(linear, config.n_layers * 4.0 * seq_len * d)
+    raise TypeError(f"no FLOP count for {type(config).__name__}")
+
+
+def training_flops_per_byte(config: ModelConfig, seq_len: int) -> float:
+    """FLOPs per byte of one training step (forward + backward) on sequences of ``seq_len`` bytes."""
+    return forward_flops_per_byte(config, seq_len).training()
