@@ -91,6 +91,7 @@ class MegaByteLM(L.LightningModule):
         warmup_steps: int = 500,
         schedule: Literal["linear", "cosine", "constant"] = "linear",
         min_lr_ratio: float = 0.0,
+        compile: bool | None = None,
     ) -> None:
         """
         Args:
@@ -102,6 +103,8 @@ class MegaByteLM(L.LightningModule):
             schedule: Decay after warm-up, down to ``min_lr_ratio * lr`` at the Trainer's last step
                 (``max_steps``, or ``max_epochs`` worth of steps). The paper's polynomial decay is linear.
             min_lr_ratio: Final learning rate as a fraction of ``lr``.
+            compile: ``torch.compile`` the model (one graph, no breaks) for training and evaluation;
+                None compiles on a GPU and not on the CPU.
         """
         super().__init__()
         if isinstance(arch, dict):  # from a checkpoint's hyperparameters
@@ -118,6 +121,17 @@ class MegaByteLM(L.LightningModule):
         self.model = build_model(arch)
         self.val_bpb = MeanMetric().set_dtype(torch.float64)
         self.test_bpb = MeanMetric().set_dtype(torch.float64)
+
+    def configure_model(self) -> None:
+        """Compile from outside the model: ``nn.Module.compile`` keeps parameter names (and
+        checkpoints) unchanged; generation runs the eager submodules."""
+        if self._trainer is None:  # e.g. load_from_checkpoint: no Trainer, no compilation
+            return
+        compile = self.hparams.compile
+        if compile is None:
+            compile = self.trainer.strategy.root_device.type == "cuda"
+        if compile and not getattr(self.model, "_compiled_call_impl", None):
+            self.model.compile(fullgraph=True, dynamic=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: LongTensor (B, T), values 0..255 -> logits (B, T, 256)."""
@@ -153,13 +167,31 @@ class MegaByteLM(L.LightningModule):
         bits, mask = self._bits(batch)
         return {"bits": bits, "mask": mask}
 
+    def _fused_optimizer(self) -> bool:
+        # A fused AdamW on the GPU, except under fp16's gradient scaler, which it would unscale itself
+        # before ``configure_gradient_clipping`` could clip true gradients.
+        return self.device.type == "cuda" and str(self.trainer.precision) not in ("16-mixed", "16")
+
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
-        # Not fused: Lightning refuses gradient clipping with optimizers that unscale internally.
-        optimizer = torch.optim.AdamW(parameter_groups(self.model, hp.weight_decay), lr=hp.lr, betas=tuple(hp.betas))
+        optimizer = torch.optim.AdamW(
+            parameter_groups(self.model, hp.weight_decay), lr=hp.lr, betas=tuple(hp.betas), fused=self._fused_optimizer()
+        )
         total_steps = self.trainer.estimated_stepping_batches
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer,
             lambda step: lr_factor(step, hp.warmup_steps, total_steps, hp.schedule, hp.min_lr_ratio),
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "train/lr"}}
+
+    def configure_gradient_clipping(
+        self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None
+    ) -> None:
+        """Clip the gradient norm on the device, without a host synchronisation. Done here because
+        Lightning refuses to clip for fused optimizers, which are safe to clip when no gradient scaler
+        is used (the fused optimizer is only chosen then)."""
+        if not gradient_clip_val:
+            return
+        if gradient_clip_algorithm not in (None, "norm"):
+            raise ValueError(f"only gradient_clip_algorithm 'norm' is supported, got {gradient_clip_algorithm!r}")
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), gradient_clip_val, foreach=True)

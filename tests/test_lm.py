@@ -127,3 +127,16 @@ def test_checkpoint_holds_plain_hparams_and_rebuilds_the_model(arch, text_file, 
 def test_rejects_bad_optimizer_settings():
     with pytest.raises(ValueError, match="lr > 0"):
         MegaByteLM(MegaByteConfig(), lr=0.0)
+
+
+def test_gradient_clipping_scales_the_total_norm_down_to_the_limit():
+    torch.manual_seed(0)
+    model = MegaByteLM(tiny_megabyte_config())
+    x = torch.randint(0, 256, (2, 16))
+    (bits_per_byte(model(x), x).mean() * 1000).backward()
+    norm = lambda: torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()]))  # noqa: E731
+    assert norm() > 1.0
+    model.configure_gradient_clipping(None, gradient_clip_val=0.5, gradient_clip_algorithm="norm")
+    assert norm().item() == pytest.approx(0.5, rel=1e-4)
+    with pytest.raises(ValueError, match="only gradient_clip_algorithm 'norm'"):
+        model.configure_gradient_clipping(None, gradient_clip_val=0.5, gradient_clip_algorithm="value")

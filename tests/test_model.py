@@ -151,3 +151,15 @@ def test_transformer_config_errors_name_the_option():
         ByteTransformerConfig(d_model=30, n_heads=4)
     with pytest.raises(ValueError, match="n_layers must be a positive integer"):
         ByteTransformerConfig(n_layers=0)
+
+
+def test_both_models_compile_to_one_graph_without_breaks(tiny_model):
+    """torch.compile(fullgraph=True) is what MegaByteLM applies on the GPU: a graph break would fail it."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    x = torch.randint(0, 256, (2, 24))
+    explanation = torch._dynamo.explain(tiny_model)(x)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+    compiled = torch.compile(tiny_model, backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), tiny_model(x))
