@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.windows import pad_collate
+from datamodules.windows import ResumableSampler, pad_collate
 
 Bytes = bytes | bytearray | np.ndarray | torch.Tensor
 
@@ -46,6 +46,7 @@ class ByteDataModule(L.LightningDataModule):
     seq_len: int
     batch_size: int
     num_workers: int
+    seed: int
 
     @classmethod
     def seq_len_from_args(cls, init_args: dict[str, Any]) -> int:
@@ -85,6 +86,39 @@ class ByteDataModule(L.LightningDataModule):
         candidates = len(dataset) - 1 if len(dataset) > 1 else 1
         indices = np.linspace(0, candidates - 1, min(n, candidates)).round().astype(int)
         return [dataset[int(i)] for i in indices]
+
+    # -- resumable training order --------------------------------------------------------------------
+
+    _train_sampler: ResumableSampler | None = None
+    _resume_state: dict[str, int] | None = None
+
+    def _train_loader(self, dataset: Dataset, num_samples: int, replacement: bool) -> DataLoader:
+        """Training batches in an order set by (``seed``, epoch) that resumes mid-epoch: after
+        ``load_state_dict`` it skips the batches a checkpoint had trained on. The last short batch is dropped."""
+        state = self._resume_state or {}
+        self._resume_state = None
+        self._train_sampler = ResumableSampler(
+            len(dataset), num_samples, self.seed, replacement,
+            epoch=state.get("train_epoch", 0), start=state.get("train_batches", 0) * self.batch_size,
+        )  # fmt: skip
+        return self._loader(dataset, sampler=self._train_sampler, drop_last=True)
+
+    def state_dict(self) -> dict[str, int]:
+        """Saved in checkpoints: the training pass in progress and how many of its batches the model
+        has trained on (the Trainer's count, not the DataLoader's, which prefetches)."""
+        sampler = self._train_sampler
+        if sampler is None or sampler.epoch is None:
+            return dict(self._resume_state or {})
+        batches = 0
+        if self.trainer is not None:
+            batches = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        if batches >= len(sampler) // self.batch_size:  # the pass is over: the next one is due
+            return {"train_epoch": sampler.epoch + 1, "train_batches": 0}
+        return {"train_epoch": sampler.epoch, "train_batches": batches}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        """The next ``train_dataloader`` continues where the checkpoint's run stopped."""
+        self._resume_state = dict(state_dict)
 
     def _loader(self, dataset: Dataset, **kwargs: Any) -> DataLoader:
         return DataLoader(

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import DataLoader, Dataset
 
 from datamodules.base import ByteDataModule, Bytes, as_uint8
 from datamodules.windows import EvalWindows, RandomWindows
@@ -238,9 +238,7 @@ class TextDataModule(ByteDataModule):
         windows = RandomWindows(self.splits["train"], self.seq_len)
         # About one pass over the split's bytes per epoch, drawn with replacement.
         n_windows = max(self.batch_size, len(self.splits["train"]) // self.seq_len)
-        generator = torch.Generator().manual_seed(self.seed)
-        sampler = RandomSampler(windows, replacement=True, num_samples=n_windows, generator=generator)
-        return self._loader(windows, sampler=sampler, drop_last=True)
+        return self._train_loader(windows, n_windows, replacement=True)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.eval_dataset("val"))

@@ -5,16 +5,18 @@ into model inputs. A batch is ``(x, mask)``: ``x`` uint8 (B, T) bytes and ``mask
 (B, T), False on the padding that fills up a short last window.
 """
 
+from collections.abc import Iterator
+
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
 
 class RandomWindows(Dataset):
     """Every window of ``seq_len`` bytes that fits in ``data`` and starts at a multiple of ``step``;
     window ``i`` starts at byte ``i * step``.
 
-    Sample it with a seeded ``RandomSampler`` to get random, reproducible training windows. A
+    Sample it with a ``ResumableSampler`` to get random, reproducible training windows. A
     ``step`` of 2 keeps 16-bit audio samples whole.
     """
 
@@ -70,3 +72,38 @@ def pad_collate(windows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor
         x[i, : len(w)] = w
         mask[i, : len(w)] = True
     return x, mask
+
+
+class ResumableSampler(Sampler[int]):
+    """Random indices into a dataset of ``n`` items, ``num_samples`` per pass, in an order that is a pure
+    function of (``seed``, pass number): drawn with replacement, or a permutation (then
+    ``num_samples <= n``). Every ``iter()`` starts the next pass; ``start`` skips the first indices of
+    the first pass, so a run resumed mid-epoch sees exactly the windows it had not trained on yet.
+    """
+
+    def __init__(self, n: int, num_samples: int, seed: int, replacement: bool, epoch: int = 0, start: int = 0) -> None:
+        if n < 1 or num_samples < 1:
+            raise ValueError(f"need n >= 1 and num_samples >= 1, got n={n}, num_samples={num_samples}")
+        if not replacement and num_samples > n:
+            raise ValueError(f"a permutation of {n} items has no {num_samples} samples; use replacement")
+        if not 0 <= start <= num_samples:
+            raise ValueError(f"start must be in 0..{num_samples}, got {start}")
+        self.n, self.num_samples, self.seed, self.replacement = n, num_samples, seed, replacement
+        self.next_epoch, self.next_start = epoch, start
+        self.epoch: int | None = None
+        """The pass of the latest ``iter()``; None before the first."""
+
+    def indices(self, epoch: int) -> np.ndarray:
+        """int64 (num_samples,): the whole order of pass ``epoch``."""
+        rng = np.random.default_rng([self.seed, epoch])
+        if self.replacement:
+            return rng.integers(self.n, size=self.num_samples)
+        return rng.permutation(self.n)[: self.num_samples]
+
+    def __iter__(self) -> Iterator[int]:
+        epoch, start = self.next_epoch, self.next_start
+        self.epoch, self.next_epoch, self.next_start = epoch, epoch + 1, 0
+        return iter(self.indices(epoch)[start:].tolist())
+
+    def __len__(self) -> int:
+        return self.num_samples  # a whole pass, also when resuming: Lightning counts the skipped batches
