@@ -7,15 +7,29 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from cli import main
+from tests.audio_files import write_wav_folder
 from tests.conftest import REPO
+from tests.image_files import write_image_folder
 
 CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
 
-TINY_ARCH = {
-    "megabyte.MegaByteConfig": {"d_global": 32, "n_global_layers": 1, "n_global_heads": 2,
-                                "d_local": 16, "n_local_layers": 1, "n_local_heads": 2},
-    "megabyte.ByteTransformerConfig": {"d_model": 32, "n_layers": 1, "n_heads": 2},
-}  # fmt: skip
+
+
+def tiny_arch(arch: dict) -> dict:
+    if arch["class_path"] == "megabyte.ByteTransformerConfig":
+        return {"d_model": 32, "n_layers": 1, "n_heads": 2}
+    # d_global must stay a multiple of the config's patch size
+    return {"d_global": 4 * arch["init_args"]["patch_size"], "n_global_layers": 1, "n_global_heads": 2,
+            "d_local": 16, "n_local_layers": 1, "n_local_heads": 2}  # fmt: skip
+
+
+def tiny_data(data_class: str, text_file: Path, tmp_path: Path) -> list[str]:
+    """Small real media of the config's modality, and a sequence length to match."""
+    if data_class == "datamodules.ImageDataModule":
+        return [f"--data.path={write_image_folder(tmp_path / 'images', n=12)}", "--data.image_size=8"]
+    if data_class == "datamodules.AudioDataModule":
+        return [f"--data.path={write_wav_folder(tmp_path / 'audio', n=12)}", "--data.seq_len=64"]
+    return [f"--data.path={text_file}", "--data.seq_len=32"]
 
 
 def cpu_trainer_args(tmp_path: Path) -> list[str]:
@@ -27,12 +41,12 @@ def cpu_trainer_args(tmp_path: Path) -> list[str]:
 
 
 def tiny_args(config: Path, text_file: Path, tmp_path: Path) -> list[str]:
-    arch = yaml.safe_load(config.read_text())["model"]["arch"]["class_path"]
+    parsed = yaml.safe_load(config.read_text())
     return [
         f"--config={config}",
-        *(f"--model.arch.init_args.{k}={v}" for k, v in TINY_ARCH[arch].items()),
-        f"--data.path={text_file}", "--data.seq_len=32", "--data.batch_size=2", "--data.num_workers=0",
-        f"--data.cache_dir={tmp_path / 'cache'}",
+        *(f"--model.arch.init_args.{k}={v}" for k, v in tiny_arch(parsed["model"]["arch"]).items()),
+        *tiny_data(parsed["data"]["class_path"], text_file, tmp_path),
+        "--data.batch_size=2", "--data.num_workers=0", f"--data.cache_dir={tmp_path / 'cache'}",
         *cpu_trainer_args(tmp_path),
     ]  # fmt: skip
 
