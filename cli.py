@@ -19,6 +19,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
+from callbacks.fault_tolerance import FaultTolerance
 from callbacks.samples import SampleCallback, validation_prompts
 from callbacks.throughput import ThroughputCallback
 from datamodules.base import ByteDataModule
@@ -76,6 +77,7 @@ class MegaByteCLI(LightningCLI):
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
         parser.add_lightning_class_args(SampleCallback, "samples")
         parser.add_lightning_class_args(ThroughputCallback, "throughput")
+        parser.add_lightning_class_args(FaultTolerance, "fault_tolerance")
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -166,14 +168,16 @@ class MegaByteCLI(LightningCLI):
         # A checkpoint's hyperparameters become defaults: a config file and the command line
         # still override them (Lightning then forces the model's from the checkpoint).
         argv = sys.argv[1:] if args is None else args
-        if isinstance(argv, list) and argv and argv[0] in self._subcommand_parsers:
+        if isinstance(argv, list) and argv and argv[0] in getattr(self, "_subcommand_parsers", {}):
             ckpt_path = ckpt_path_argument(argv)
             if ckpt_path and Path(ckpt_path).is_file():
                 self._subcommand_parsers[argv[0]].set_defaults(checkpoint_defaults(ckpt_path))
         super().parse_arguments(parser, args)
 
 
-def main(args: list[str] | None = None) -> MegaByteCLI:
+def main(args: list[str] | None = None, run: bool = True) -> MegaByteCLI:
+    """Parse ``args`` (default: the command line) and run the subcommand; with ``run=False`` there is
+    no subcommand: the model, data and Trainer are only built (benchmarks drive them)."""
     torch.set_float32_matmul_precision("high")  # TF32 for any float32 matmul on recent GPUs
     return MegaByteCLI(
         MegaByteLM,
@@ -188,6 +192,7 @@ def main(args: list[str] | None = None) -> MegaByteCLI:
             },
         },
         args=args,
+        run=run,
     )
 
 

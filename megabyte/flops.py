@@ -4,13 +4,14 @@ Counts what ``torch.utils.flop_counter.FlopCounterMode`` counts on a GPU over on
 (forward + backward): every matrix multiplication (2 FLOPs per multiply-add; the backward pass
 costs twice the forward) and the attention score / value products at their full square size
 (causal masking is not subtracted). Flash attention's backward recomputes the scores, so the
-attention products cost 3.5x their forward in a training step, the linear layers 3x.
+attention products cost 3.5x their forward in a training step, the linear layers 3x. Sequences of
+at most ``SHORT_SEQUENCE`` positions (the local model's patches) use written-out attention: 3x.
 Embedding lookups, norms and activations are not counted.
 """
 
 from dataclasses import dataclass
 
-from megabyte.model import VOCAB_SIZE, ByteTransformerConfig, MegaByteConfig, ModelConfig
+from megabyte.model import SHORT_SEQUENCE, VOCAB_SIZE, ByteTransformerConfig, MegaByteConfig, ModelConfig
 
 
 @dataclass
@@ -20,11 +21,19 @@ class ForwardFlops:
     linear: float
     """Linear layers and the output projection."""
     attention: float
-    """The two attention products (scores q k^T and scores @ v)."""
+    """The two attention products (scores q k^T and scores @ v) in fused attention kernels."""
+    short_attention: float = 0.0
+    """The same products in written-out attention over short sequences."""
 
     def training(self) -> float:
         """FLOPs per byte of a training step (forward + backward, flash attention's recompute included)."""
-        return 3.0 * self.linear + 3.5 * self.attention
+        return 3.0 * self.linear + 3.5 * self.attention + 3.0 * self.short_attention
+
+
+def _by_kernel(linear: float, *attention: tuple[float, int]) -> ForwardFlops:
+    """``attention``: (FLOPs, sequence length) pairs, filed under the kernel that length uses."""
+    short = sum(flops for flops, length in attention if length <= SHORT_SEQUENCE)
+    return ForwardFlops(linear, sum(flops for flops, _ in attention) - short, short)
 
 
 def _block_linear(d: int, ffn_ratio: int) -> float:
@@ -46,12 +55,13 @@ def forward_flops_per_byte(config: ModelConfig, seq_len: int) -> ForwardFlops:
             + config.n_local_layers * _block_linear(d, config.ffn_ratio)
             + 2.0 * d * VOCAB_SIZE  # output projection
         )
-        attention = config.n_global_layers * 4.0 * K * D / P + config.n_local_layers * 4.0 * P * d
-        return ForwardFlops(linear, attention)
+        return _by_kernel(
+            linear, (config.n_global_layers * 4.0 * K * D / P, K), (config.n_local_layers * 4.0 * P * d, P)
+        )
     if isinstance(config, ByteTransformerConfig):
         d = config.d_model
         linear = config.n_layers * _block_linear(d, config.ffn_ratio) + 2.0 * d * VOCAB_SIZE
-        return ForwardFlops(linear, config.n_layers * 4.0 * seq_len * d)
+        return _by_kernel(linear, (config.n_layers * 4.0 * seq_len * d, seq_len))
     raise TypeError(f"no FLOP count for {type(config).__name__}")
 
 

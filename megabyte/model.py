@@ -48,6 +48,20 @@ class KVCache:
         return self.k[:, :, : self.length], self.v[:, :, : self.length]
 
 
+# Up to this length (the local model's P), attention is two small batched matmuls: fused attention
+# kernels tile queries and keys by 64 or 128 and would spend most of their work on padding.
+SHORT_SEQUENCE = 32
+
+
+def short_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float) -> torch.Tensor:
+    """Causal softmax attention written out, for short sequences. q, k, v: (N, nh, L, hs) -> (N, nh, L, hs)."""
+    L = q.shape[-2]
+    scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5  # (N, nh, L, L)
+    causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
+    weights = F.dropout(scores.masked_fill(~causal, float("-inf")).softmax(dim=-1), dropout)
+    return weights.to(v.dtype) @ v  # (N, nh, L, hs)
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention through ``scaled_dot_product_attention``.
 
@@ -68,6 +82,9 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.qkv(x).split(d, dim=-1)  # 3 x (N, L, d)
         # (N, L, d) -> (N, nh, L, hs)
         q, k, v = (t.view(N, L, self.n_heads, d // self.n_heads).transpose(1, 2) for t in (q, k, v))
+        if cache is None and L <= SHORT_SEQUENCE:
+            y = short_causal_attention(q, k, v, self.dropout if self.training else 0.0)  # (N, nh, L, hs)
+            return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(N, L, d)))
         mask, is_causal = None, True
         if cache is not None:
             k, v = cache.append(k, v)  # (N, nh, S, hs), S = cached + L

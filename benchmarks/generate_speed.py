@@ -1,0 +1,86 @@
+"""Generation speed of a config: bytes/s of key/value-cached sampling, batch 1 and batched.
+
+    python benchmarks/generate_speed.py --config configs/bench/config-m.yaml --batch_sizes 1 64 --json out.json [CLI overrides]
+
+Builds the model a config describes (random weights: speed does not depend on them), then for each
+batch size samples ``--new_bytes`` bytes (temperature 1) after a ``--prompt_bytes`` prompt, under the
+config's precision (bf16 autocast on the GPU for ``bf16-mixed``), and prints one table row per batch
+size: bytes/s per sequence and in all, seconds, peak memory.
+"""
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cli import main
+
+
+def measure(config: str, overrides: list[str], batch_sizes: list[int], new_bytes: int, prompt_bytes: int) -> list[dict[str, Any]]:
+    cli = main([f"--config={config}", *overrides, "--trainer.logger=false"], run=False)
+    model = cli.model.model
+    device = cli.trainer.strategy.root_device
+    model.to(device)
+    context = cli.trainer.precision_plugin.forward_context
+    results = []
+    for batch in batch_sizes:
+        generator = torch.Generator(device=device).manual_seed(0)
+        prompt = torch.randint(0, 256, (batch, prompt_bytes), device=device, generator=generator)
+        with context():
+            model.generate(prompt, min(new_bytes, 4 * getattr(model.config, "patch_size", 4)), generator=generator)  # warm-up
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        start = time.perf_counter()
+        with context():
+            model.generate(prompt, new_bytes, generator=generator)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - start
+        results.append({
+            "config": config, "overrides": overrides, "model": type(model).__name__,
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "precision": str(cli.trainer.precision), "batch": batch, "prompt_bytes": prompt_bytes,
+            "new_bytes": new_bytes, "seconds": seconds, "bytes_per_sec_per_sequence": new_bytes / seconds,
+            "bytes_per_sec": batch * new_bytes / seconds,
+            "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        })  # fmt: skip
+    return results
+
+
+HEADER = (
+    "| model | config | batch | new bytes | seconds | bytes/s per sequence | bytes/s in all | peak GiB |\n"
+    "|---|---|---|---|---|---|---|---|"
+)
+
+
+def table_row(r: dict[str, Any]) -> str:
+    memory = f"{r['peak_memory_gib']:.2f}" if r["peak_memory_gib"] is not None else "-"
+    return (
+        f"| {r['model']} | {Path(r['config']).name} {' '.join(r['overrides'])} | {r['batch']} | {r['new_bytes']} "
+        f"| {r['seconds']:.2f} | {r['bytes_per_sec_per_sequence']:,.0f} | {r['bytes_per_sec']:,.0f} | {memory} |"
+    )
+
+
+def cli_main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 64])
+    parser.add_argument("--new_bytes", type=int, default=8192)
+    parser.add_argument("--prompt_bytes", type=int, default=0)
+    parser.add_argument("--json", help="append each result as one JSON line to this file")
+    args, overrides = parser.parse_known_args()
+    results = measure(args.config, overrides, args.batch_sizes, args.new_bytes, args.prompt_bytes)
+    if args.json:
+        with open(args.json, "a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in results)
+    print(HEADER)
+    print("\n".join(table_row(r) for r in results))
+
+
+if __name__ == "__main__":
+    cli_main()

@@ -1,0 +1,67 @@
+"""Where the time of one training step goes: the step without Lightning, eager and compiled, and the
+CUDA kernels that cost the most (torch.profiler). A development tool for the speed work.
+
+    python benchmarks/profile_step.py --config configs/bench/config-m.yaml [--steps 20] [--trace DIR]
+"""
+
+import argparse
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from cli import main
+from megabyte.flops import training_flops_per_byte
+from megabyte.lm import bits_per_byte, build_model, parameter_groups
+
+
+def step_fn(model, optimizer, x):
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        logits = model(x)
+    loss = bits_per_byte(logits, x).mean()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss
+
+
+def run(config: str, overrides: list[str], steps: int, compile: bool, trace: str | None) -> None:
+    cli = main([f"--config={config}", *overrides, "--trainer.logger=false"], run=False)
+    torch.manual_seed(0)
+    model = build_model(cli.model.config).cuda()
+    if compile:
+        model.compile(fullgraph=True, dynamic=False)
+    optimizer = torch.optim.AdamW(parameter_groups(model, 0.1), lr=1e-4, fused=True)
+    B, T = cli.datamodule.batch_size, cli.datamodule.seq_len
+    x = torch.randint(0, 256, (B, T), device="cuda")
+    for _ in range(5):
+        step_fn(model, optimizer, x)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step_fn(model, optimizer, x)
+    torch.cuda.synchronize()
+    seconds = (time.perf_counter() - start) / steps
+    fpb = training_flops_per_byte(cli.model.config, T)
+    print(f"compile={compile}: {seconds * 1e3:.1f} ms/step, {B * T / seconds:,.0f} bytes/s, "
+          f"MFU {B * T / seconds * fpb / 989.4e12:.1%}, peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            step_fn(model, optimizer, x)
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=90))
+    if trace:
+        prof.export_chrome_trace(f"{trace}/trace_compile{int(compile)}.json")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--trace")
+    parser.add_argument("--eager", action="store_true", help="also profile the eager model")
+    args, overrides = parser.parse_known_args()
+    if args.eager:
+        run(args.config, overrides, args.steps, False, args.trace)
+    run(args.config, overrides, args.steps, True, args.trace)

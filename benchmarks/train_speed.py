@@ -1,0 +1,126 @@
+"""Training speed of a config through the product's own path (LightningCLI, DataModule, Trainer).
+
+    python benchmarks/train_speed.py --config configs/bench/config-m.yaml --json out.json [CLI overrides]
+
+Trains ``--warmup`` batches (compilation, cuDNN autotuning, allocator warm-up), then times ``--steps``
+batches with the device synchronised at both ends, and prints one table row: bytes/s, MFU (the
+analytic FLOPs per byte of ``megabyte.flops``, which equal FlopCounterMode's), peak memory, batch,
+T. Extra arguments go to the CLI unchanged (e.g. ``--data.path FILE --model.compile false``).
+Validation and sampling are off; logs and a checkpoint go to a temporary folder.
+"""
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from callbacks.throughput import peak_flops
+from cli import main
+from megabyte.flops import training_flops_per_byte
+
+
+class SpeedProbe(L.Callback):
+    """Times the training batches after the first ``warmup`` ones."""
+
+    def __init__(self, warmup: int, steps: int) -> None:
+        self.warmup, self.last = warmup, warmup + steps - 1
+        self.bytes = 0
+        self.start = self.end = 0.0
+
+    def _sync(self, pl_module: L.LightningModule) -> None:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        if batch_idx == self.warmup:
+            self._sync(pl_module)
+            if pl_module.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(pl_module.device)
+            self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if batch_idx >= self.warmup:
+            self.bytes += batch[0].numel()
+        if batch_idx == self.last:  # the only synchronisation inside the timed batches
+            self._sync(pl_module)
+            self.end = time.perf_counter()
+
+
+def measure(config: str, overrides: list[str], warmup: int = 10, steps: int = 30) -> dict[str, Any]:
+    """Train ``warmup + steps`` batches of ``config``; return the measured figures."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cli = main(
+            [
+                f"--config={config}", *overrides, f"--trainer.max_steps={warmup + steps}", "--trainer.max_time=null",
+                "--trainer.limit_val_batches=0", f"--trainer.logger.init_args.save_dir={tmp}", "--trainer.enable_progress_bar=false",
+                "--trainer.enable_model_summary=false", f"--trainer.default_root_dir={tmp}",
+                "--trainer.accumulate_grad_batches=1", "--samples.every_n_validations=0",
+            ],
+            run=False,
+        )  # fmt: skip
+        probe = SpeedProbe(warmup, steps)
+        cli.trainer.callbacks.append(probe)
+        wall = time.perf_counter()
+        cli.trainer.fit(cli.model, cli.datamodule)
+        wall = time.perf_counter() - wall
+    device = cli.trainer.strategy.root_device  # the model itself is back on the CPU after fit
+    seconds = probe.end - probe.start
+    bytes_per_sec = probe.bytes / seconds
+    seq_len = cli.datamodule.seq_len
+    flops_per_byte = training_flops_per_byte(cli.model.config, seq_len)
+    peak = peak_flops(device, str(cli.trainer.precision))
+    return {
+        "config": config,
+        "overrides": overrides,
+        "model": type(cli.model.model).__name__,
+        "parameters": sum(p.numel() for p in cli.model.model.parameters()),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "precision": str(cli.trainer.precision),
+        "compile": bool(getattr(cli.model.model, "_compiled_call_impl", None)),
+        "batch": cli.datamodule.batch_size,
+        "seq_len": seq_len,
+        "timed_batches": steps,
+        "seconds": seconds,
+        "wall_seconds_with_warmup": wall,
+        "bytes_per_sec": bytes_per_sec,
+        "flops_per_byte": flops_per_byte,
+        "mfu": bytes_per_sec * flops_per_byte / peak if peak else None,
+        "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        "final_loss": float(cli.trainer.callback_metrics["train/loss"]),
+    }
+
+
+def table_row(r: dict[str, Any]) -> str:
+    mfu = f"{100 * r['mfu']:.1f} %" if r["mfu"] is not None else "-"
+    memory = f"{r['peak_memory_gib']:.1f}" if r["peak_memory_gib"] is not None else "-"
+    return (
+        f"| {r['model']} | {Path(r['config']).name} {' '.join(r['overrides'])} | {r['bytes_per_sec']:,.0f} | {mfu} "
+        f"| {r['flops_per_byte'] / 1e6:,.1f} M | {memory} | {r['batch']} | {r['seq_len']} | {r['compile']} |"
+    )
+
+
+HEADER = "| model | config | bytes/s | MFU | FLOPs/byte | peak GiB | batch | T | compiled |\n|---|---|---|---|---|---|---|---|---|"
+
+
+def cli_main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--warmup", type=int, default=10, help="untimed batches first")
+    parser.add_argument("--steps", type=int, default=30, help="timed batches")
+    parser.add_argument("--json", help="append the result as one JSON line to this file")
+    args, overrides = parser.parse_known_args()
+    result = measure(args.config, overrides, args.warmup, args.steps)
+    if args.json:
+        with open(args.json, "a") as f:
+            f.write(json.dumps(result) + "\n")
+    print(HEADER)
+    print(table_row(result))
+
+
+if __name__ == "__main__":
+    cli_main()
