@@ -122,10 +122,12 @@ class MegaByteCLI(LightningCLI):
                 configured, the data).
             output_dir: Folder for ``sample_{i}`` and, with validation prompts, ``original_{i}``.
             n_samples: Number of samples.
-            prompt_file: Prompt with this file, encoded by the DataModule (text: its bytes); by
-                default every sample continues the first ``prompt_fraction`` of a validation sequence.
+            prompt_file: Prompt with this file, encoded by the DataModule (text: its bytes; images and
+                audio: converted like the training data). A file that fills ``sample_len`` (a whole
+                image) is cut to its first ``prompt_fraction``. By default every sample continues the
+                first ``prompt_fraction`` of a validation sequence.
             sample_len: Bytes per sample, prompt included; default ``data.seq_len`` (the whole image).
-            prompt_fraction: Share of a validation sequence given as the prompt.
+            prompt_fraction: Share of a sample given as the prompt (validation sequences, long prompt files).
             temperature: Sampling temperature; 0 is greedy.
             top_k: Sample among the k most likely bytes only.
             top_p: Sample from the smallest set of bytes whose probability reaches top_p.
@@ -139,11 +141,8 @@ class MegaByteCLI(LightningCLI):
         originals = None
         if prompt_file is not None:
             prompt = datamodule.encode_file(prompt_file).long()
-            if len(prompt) >= sample_len:
-                raise ValueError(
-                    f"prompt_file {prompt_file!r} gives {len(prompt)} bytes, sample_len is {sample_len}: "
-                    f"use a shorter prompt or a larger --sample_len"
-                )
+            if len(prompt) >= sample_len:  # e.g. a whole image: the model completes its second part
+                prompt = prompt[: int(prompt_fraction * sample_len)]
             prompts = prompt.expand(n_samples, -1)
         else:
             datamodule.prepare_data()

@@ -447,6 +447,14 @@ class AudioDataModule(ByteDataModule):
         """Consecutive windows of ``seq_len`` bytes covering the split once (the last may be shorter)."""
         return EvalWindows(self.splits[split], self.seq_len)
 
+    def encode_file(self, path: str | Path) -> torch.Tensor:
+        """An audio file -> its bytes as the model sees them (mono, resampled, encoded): uint8 (L,)."""
+        try:
+            waveform = read_waveform(Path(path).read_bytes(), self.sample_rate)
+        except (OSError, ValueError) as error:
+            raise ValueError(f"cannot read audio file {str(path)!r}: {error}") from error
+        return torch.from_numpy(encode_waveform(waveform, self.encoding).copy())
+
     # -- bytes -> audio -----------------------------------------------------------------------
 
     def decode(self, data: Bytes) -> tuple[torch.Tensor, int]:

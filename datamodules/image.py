@@ -659,6 +659,15 @@ class ImageDataModule(ByteDataModule):
             )
         return self.splits[split]
 
+    def encode_file(self, path: str | Path) -> torch.Tensor:
+        """An image file -> its bytes as the model sees them (converted, resized, scanned): uint8 (seq_len,)."""
+        try:
+            image = read_image_file(Path(path))
+        except (OSError, ValueError) as error:
+            raise ValueError(f"cannot read image file {str(path)!r}: {error}") from error
+        pixels = image_pixels(image, self.height, self.width, self.channels, self.resize)
+        return torch.from_numpy(pixels_to_bytes(pixels[None], self.scan, self.scan_patch).reshape(-1).copy())
+
     # -- bytes -> image -------------------------------------------------------------------------------
 
     def decode(self, data: Bytes) -> torch.Tensor:

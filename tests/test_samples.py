@@ -99,5 +99,84 @@ def test_generate_from_a_checkpoint_writes_files(text_file, tmp_path, monkeypatc
     expected = lm.model.generate(prompt, 21, temperature=0)[0]
     assert np.array_equal(np.frombuffer((out / "sample_0.txt").read_bytes(), dtype=np.uint8), expected.numpy())
 
-    with pytest.raises(ValueError, match="use a shorter prompt or a larger --sample_len"):
-        main([*args, f"--prompt_file={tmp_path / 'prompt.txt'}", "--sample_len=9"])
+    # a prompt file as long as the sample is cut to its first prompt_fraction
+    main([*args, f"--prompt_file={tmp_path / 'prompt.txt'}", "--n_samples=1", "--sample_len=9", "--prompt_fraction=0.5"])
+    assert (out / "sample_0.txt").read_bytes()[:4] == b"def "
+
+
+def test_image_samples_are_a_grid_of_originals_beside_completions(tmp_path):
+    from datamodules import ImageDataModule
+    from tests.image_files import write_image_folder
+
+    datamodule = ImageDataModule(
+        str(write_image_folder(tmp_path / "images", n=12, size=8)), image_size=8, channels=3, scan="patch",
+        scan_patch=2, batch_size=2, num_workers=0, cache_dir=str(tmp_path / "cache"),
+    )  # fmt: skip
+    callback = SampleCallback(n_samples=1, sample_len=16)  # images always use the whole image
+    accumulator = fit_with_samples(datamodule, tmp_path, callback)
+    (tag,) = accumulator.Tags()["images"]
+    image = accumulator.Images(tag)[-1]
+    # one original beside its completion, 8 x 8 each, make_grid's 2-pixel padding
+    assert (image.height, image.width) == (12, 22)
+    # the original's top half, which was the prompt, is also the completion's top half
+    from PIL import Image
+    import io
+
+    grid = np.asarray(Image.open(io.BytesIO(image.encoded_image_string)))  # (12, 22, 3)
+    original, completion = grid[2:10, 2:10], grid[2:10, 12:20]
+    assert np.array_equal(original[:4], completion[:4])
+    assert np.array_equal(original, datamodule.decode(datamodule.examples(1)[0]).permute(1, 2, 0).numpy())
+
+
+def test_audio_samples_are_playable_at_the_data_sample_rate(tmp_path):
+    from datamodules import AudioDataModule
+    from tests.audio_files import write_wav_folder
+
+    datamodule = AudioDataModule(
+        str(write_wav_folder(tmp_path / "audio", n=12)), seq_len=32, batch_size=2, sample_rate=8000,
+        num_workers=0, cache_dir=str(tmp_path / "cache"),
+    )  # fmt: skip
+    accumulator = fit_with_samples(datamodule, tmp_path, SampleCallback(n_samples=2, sample_len=32))
+    tags = sorted(accumulator.Tags()["audio"])
+    assert tags == ["samples/audio/0", "samples/audio/1"]
+    audio = accumulator.Audio(tags[0])[-1]
+    assert audio.sample_rate == 8000 and audio.length_frames == 16  # 32 bytes of 16-bit PCM
+    assert audio.encoded_audio_string[:4] == b"RIFF"
+
+
+def test_generate_writes_images_and_audio_from_prompt_files(tmp_path):
+    from tests.audio_files import write_wav_folder
+    from tests.image_files import write_image_folder
+
+    images, audio = write_image_folder(tmp_path / "images", n=12), write_wav_folder(tmp_path / "audio", n=12)
+    prompt_image = next(images.rglob("*.png"))
+    for config, data, prompt, sample_len, suffix in (
+        ("image/cifar10.yaml", [f"--data.path={images}", "--data.image_size=8"], next(images.rglob("*.png")), 192, ".png"),
+        ("audio/fsdd.yaml", [f"--data.path={audio}", "--data.seq_len=64"], next(audio.glob("*.wav")), 4096, ".wav"),
+    ):  # fmt: skip
+        P = 12 if "cifar" in config else 16
+        args = [
+            f"--config={REPO / 'configs' / config}", *data, "--data.batch_size=2", "--data.num_workers=0",
+            f"--data.cache_dir={tmp_path / 'cache'}", f"--model.arch.init_args.d_global={4 * P}",
+            "--model.arch.init_args.n_global_heads=2", "--model.arch.init_args.d_local=16",
+            "--model.arch.init_args.n_local_heads=2", "--trainer.accelerator=cpu", "--trainer.precision=32-true",
+            "--trainer.max_time=null", "--trainer.enable_progress_bar=false",
+            f"--trainer.logger.init_args.save_dir={tmp_path / 'logs' / suffix[1:]}",
+        ]  # fmt: skip
+        main(["fit", *args, "--trainer.max_steps=1", "--trainer.limit_val_batches=1", "--trainer.val_check_interval=1"])
+        (last,) = (tmp_path / "logs" / suffix[1:]).rglob("last.ckpt")
+        out = tmp_path / f"samples{suffix}"
+        gen = ["generate", *args, f"--ckpt_path={last}", f"--output_dir={out}", "--n_samples=1"]
+        if suffix == ".png":  # prompt: the top half of an image file, encoded like the training data
+            main([*gen, f"--prompt_file={prompt}"])
+        else:  # prompt: the first half of a validation window
+            main(gen)
+        assert (out / f"sample_0{suffix}").is_file()
+    from PIL import Image
+
+    completed, original = (np.asarray(Image.open(f)) for f in (tmp_path / "samples.png" / "sample_0.png", prompt_image))
+    assert completed.shape == (8, 8, 3) and np.array_equal(completed[:4], original[:4])
+    import soundfile
+
+    waveform, rate = soundfile.read(tmp_path / "samples.wav" / "sample_0.wav")
+    assert rate == 8000 and len(waveform) == 32  # seq_len 64 bytes of 16-bit samples
