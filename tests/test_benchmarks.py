@@ -41,5 +41,6 @@ def test_generate_speed_prints_rows_and_writes_json(tmp_path):
                  "--new_bytes=40", "--prompt_bytes=5", f"--json={out}", *TINY)  # fmt: skip
     results = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["batch"] for r in results] == [1, 3] and all(r["new_bytes"] == 40 for r in results)
-    assert all(r["bytes_per_sec"] == pytest.approx(r["batch"] * r["bytes_per_sec_per_sequence"]) > 0 for r in results)
+    for r in results:
+        assert r["bytes_per_sec"] > 0 and r["bytes_per_sec"] == pytest.approx(r["batch"] * r["bytes_per_sec_per_sequence"])
     assert len(stdout.strip().splitlines()) == 4  # header, separator, two rows
