@@ -97,6 +97,9 @@ def download_enwik8(folder: Path) -> Path:
         try:
             with urllib.request.urlopen(ENWIK8_URL, timeout=60) as response, open(partial, "wb") as out:
                 shutil.copyfileobj(response, out)
+                expected = response.headers.get("Content-Length")
+            if expected is not None and partial.stat().st_size != int(expected):
+                raise OSError(f"the connection closed after {partial.stat().st_size} of {expected} bytes")
         except OSError as error:
             partial.unlink(missing_ok=True)
             raise RuntimeError(
@@ -104,10 +107,14 @@ def download_enwik8(folder: Path) -> Path:
                 f"Download it yourself and pass its path as data.path."
             ) from error
         partial.rename(archive)
-    with zipfile.ZipFile(archive) as zf:
-        partial = folder / "enwik8.part"
-        with zf.open("enwik8") as src, open(partial, "wb") as out:
-            shutil.copyfileobj(src, out)
+    partial = folder / "enwik8.part"
+    try:
+        with zipfile.ZipFile(archive) as zf, zf.open("enwik8") as src, open(partial, "wb") as out:
+            shutil.copyfileobj(src, out)  # the zip's CRC is checked as it is read
+    except (zipfile.BadZipFile, KeyError) as error:  # e.g. an archive truncated by an earlier run
+        partial.unlink(missing_ok=True)
+        archive.unlink()
+        raise RuntimeError(f"{archive} is not a complete enwik8 archive ({error}); removed it, try again") from error
     size = partial.stat().st_size
     if size != ENWIK8_BYTES:
         partial.unlink()

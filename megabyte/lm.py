@@ -109,6 +109,8 @@ class MegaByteLM(L.LightningModule):
         super().__init__()
         if isinstance(arch, dict):  # from a checkpoint's hyperparameters
             arch = config_from_dict(arch)
+        if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {betas} (the paper's: 0.9, 0.98)")
         if lr <= 0 or weight_decay < 0 or warmup_steps < 0 or not 0 <= min_lr_ratio <= 1:
             raise ValueError(
                 f"need lr > 0, weight_decay >= 0, warmup_steps >= 0 and 0 <= min_lr_ratio <= 1; got lr={lr}, "
@@ -132,6 +134,29 @@ class MegaByteLM(L.LightningModule):
             compile = self.trainer.strategy.root_device.type == "cuda"
         if compile and not getattr(self.model, "_compiled_call_impl", None):
             self.model.compile(fullgraph=True, dynamic=False)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint of another architecture with one error naming the differing options
+        (instead of a list of missing, unexpected and mis-shaped state_dict keys)."""
+        ours = {k: v.shape for k, v in self.state_dict().items()}
+        theirs = {k: v.shape for k, v in checkpoint.get("state_dict", {}).items()}
+        if ours == theirs:
+            return
+        saved = checkpoint.get("hyper_parameters", {}).get("arch", {})
+        saved_class, saved_args = saved.get("class_path", "?"), saved.get("init_args", {})
+        current = config_to_dict(self.config)
+        if saved_class.rpartition(".")[2] != type(self.config).__name__:  # megabyte.X and megabyte.model.X are one
+            difference = f"arch.class_path {saved_class} (checkpoint) vs {current['class_path']} (configured)"
+        else:
+            difference = ", ".join(
+                f"{k} {saved_args[k]} (checkpoint) vs {v} (configured)"
+                for k, v in current["init_args"].items() if k in saved_args and saved_args[k] != v
+            ) or f"parameters {sorted(set(ours) ^ set(theirs) or {k for k in ours if ours[k] != theirs.get(k)})[:5]}"
+        raise ValueError(
+            f"the checkpoint holds another architecture than the one configured: {difference}. "
+            f"Build the model from the checkpoint (MegaByteLM.load_from_checkpoint, or the CLI with --ckpt_path) "
+            f"or with the same values."
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: LongTensor (B, T), values 0..255 -> logits (B, T, 256)."""
