@@ -19,24 +19,41 @@ import torch
 from cli import main
 
 
-def measure(config: str, overrides: list[str], batch_sizes: list[int], new_bytes: int, prompt_bytes: int) -> list[dict[str, Any]]:
+def graphs_match_eager(model: torch.nn.Module, device: torch.device, context, n: int = 5, new: int = 300) -> bool:
+    """Greedy and sampled bytes with CUDA graphs equal those of the eager decoding loop."""
+    prompt = torch.randint(0, 256, (2, n), device=device, generator=torch.Generator(device).manual_seed(1))
+    same = True
+    for temperature in (0.0, 1.0):
+        with context():
+            runs = [
+                model.generate(prompt, new, temperature, generator=torch.Generator(device).manual_seed(2), cuda_graphs=g)
+                for g in (False, True)
+            ]
+        same &= torch.equal(*runs)
+    return same
+
+
+def measure(
+    config: str, overrides: list[str], batch_sizes: list[int], new_bytes: int, prompt_bytes: int, cuda_graphs: bool | None = None
+) -> list[dict[str, Any]]:
     cli = main([f"--config={config}", *overrides, "--trainer.logger=false"], run=False)
     model = cli.model.model
     device = cli.trainer.strategy.root_device
     model.to(device)
     context = cli.trainer.precision_plugin.forward_context
+    check = graphs_match_eager(model, device, context) if device.type == "cuda" and cuda_graphs is not False else None
     results = []
     for batch in batch_sizes:
         generator = torch.Generator(device=device).manual_seed(0)
         prompt = torch.randint(0, 256, (batch, prompt_bytes), device=device, generator=generator)
         with context():
-            model.generate(prompt, min(new_bytes, 4 * getattr(model.config, "patch_size", 4)), generator=generator)  # warm-up
+            model.generate(prompt, min(new_bytes, 64), generator=generator, cuda_graphs=cuda_graphs)  # warm-up
         if device.type == "cuda":
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
         start = time.perf_counter()
         with context():
-            model.generate(prompt, new_bytes, generator=generator)
+            model.generate(prompt, new_bytes, generator=generator, cuda_graphs=cuda_graphs)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - start
@@ -48,13 +65,15 @@ def measure(config: str, overrides: list[str], batch_sizes: list[int], new_bytes
             "new_bytes": new_bytes, "seconds": seconds, "bytes_per_sec_per_sequence": new_bytes / seconds,
             "bytes_per_sec": batch * new_bytes / seconds,
             "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+            "cuda_graphs": device.type == "cuda" if cuda_graphs is None else cuda_graphs,
+            "graphs_match_eager": check,
         })  # fmt: skip
     return results
 
 
 HEADER = (
-    "| model | config | batch | new bytes | seconds | bytes/s per sequence | bytes/s in all | peak GiB |\n"
-    "|---|---|---|---|---|---|---|---|"
+    "| model | config | batch | new bytes | seconds | bytes/s per sequence | bytes/s in all | peak GiB | CUDA graphs (= eager) |\n"
+    "|---|---|---|---|---|---|---|---|---|"
 )
 
 
@@ -62,7 +81,8 @@ def table_row(r: dict[str, Any]) -> str:
     memory = f"{r['peak_memory_gib']:.2f}" if r["peak_memory_gib"] is not None else "-"
     return (
         f"| {r['model']} | {Path(r['config']).name} {' '.join(r['overrides'])} | {r['batch']} | {r['new_bytes']} "
-        f"| {r['seconds']:.2f} | {r['bytes_per_sec_per_sequence']:,.0f} | {r['bytes_per_sec']:,.0f} | {memory} |"
+        f"| {r['seconds']:.2f} | {r['bytes_per_sec_per_sequence']:,.0f} | {r['bytes_per_sec']:,.0f} | {memory} "
+        f"| {r['cuda_graphs']} ({r['graphs_match_eager']}) |"
     )
 
 
@@ -72,9 +92,11 @@ def cli_main() -> None:
     parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 64])
     parser.add_argument("--new_bytes", type=int, default=8192)
     parser.add_argument("--prompt_bytes", type=int, default=0)
+    parser.add_argument("--cuda_graphs", choices=["auto", "true", "false"], default="auto")
     parser.add_argument("--json", help="append each result as one JSON line to this file")
     args, overrides = parser.parse_known_args()
-    results = measure(args.config, overrides, args.batch_sizes, args.new_bytes, args.prompt_bytes)
+    graphs = {"auto": None, "true": True, "false": False}[args.cuda_graphs]
+    results = measure(args.config, overrides, args.batch_sizes, args.new_bytes, args.prompt_bytes, graphs)
     if args.json:
         with open(args.json, "a") as f:
             f.writelines(json.dumps(r) + "\n" for r in results)

@@ -24,28 +24,48 @@ VOCAB_SIZE = 256  # one token per byte value
 class KVCache:
     """The keys and values one attention layer has seen, for decoding a few positions at a time.
 
-    Buffers (N, nh, max_len, hs) are allocated on the first ``append`` with the dtype and device
-    of the keys; ``length`` positions are filled.
+    Buffers (N, nh, max_len, hs) are allocated on the first ``append`` with the dtype and device of
+    the keys. ``length`` (a 0-dim device tensor) counts the filled positions: decoding steps never
+    read it on the host, so a step can be captured once as a CUDA graph and replayed. The first
+    append after ``reset`` (a prefill) writes positions 0..L-1 and attends causally among them;
+    later ones attend over the whole buffer through a mask of the filled positions.
     """
 
     def __init__(self, max_len: int) -> None:
         self.max_len = max_len
-        self.length = 0
         self.k: torch.Tensor | None = None
         self.v: torch.Tensor | None = None
+        self.length: torch.Tensor | None = None
+        self.fresh = True
 
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """k, v: (N, nh, L, hs) of the next L positions -> all keys and values so far (N, nh, length, hs)."""
+    def reset(self) -> None:
+        """Forget every position (the buffers stay)."""
+        self.fresh = True
+        if self.length is not None:
+            self.length.zero_()
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """k, v: (N, nh, L, hs) of the next L positions -> (keys, values, mask) to attend over:
+        the new ones alone and mask None (causal) on a fresh cache, else the whole buffers
+        (N, nh, max_len, hs) and a bool mask (L, max_len) of the positions each new one sees."""
         L = k.shape[2]
-        if self.length + L > self.max_len:
-            raise ValueError(f"KVCache holds {self.max_len} positions; cannot add {L} to {self.length}")
         if self.k is None:
-            self.k = k.new_empty(*k.shape[:2], self.max_len, k.shape[3])
-            self.v = v.new_empty(*v.shape[:2], self.max_len, v.shape[3])
-        self.k[:, :, self.length : self.length + L] = k
-        self.v[:, :, self.length : self.length + L] = v
-        self.length += L
-        return self.k[:, :, : self.length], self.v[:, :, : self.length]
+            self.k = k.new_zeros(*k.shape[:2], self.max_len, k.shape[3])
+            self.v = v.new_zeros(*v.shape[:2], self.max_len, v.shape[3])
+            self.length = torch.zeros((), dtype=torch.long, device=k.device)
+        if self.fresh:
+            if L > self.max_len:
+                raise ValueError(f"KVCache holds {self.max_len} positions; cannot add {L}")
+            self.k[:, :, :L], self.v[:, :, :L] = k, v
+            self.length.fill_(L)
+            self.fresh = False
+            return k, v, None
+        positions = self.length + torch.arange(L, device=k.device)  # (L,)
+        self.k.index_copy_(2, positions, k)
+        self.v.index_copy_(2, positions, v)
+        self.length.add_(L)
+        mask = torch.arange(self.max_len, device=k.device) <= positions[:, None]  # (L, max_len)
+        return self.k, self.v, mask
 
 
 # Up to this length (the local model's P), attention is two small batched matmuls: fused attention
@@ -53,12 +73,14 @@ class KVCache:
 SHORT_SEQUENCE = 32
 
 
-def short_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float) -> torch.Tensor:
-    """Causal softmax attention written out, for short sequences. q, k, v: (N, nh, L, hs) -> (N, nh, L, hs)."""
-    L = q.shape[-2]
-    scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5  # (N, nh, L, L)
-    causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
-    weights = F.dropout(scores.masked_fill(~causal, float("-inf")).softmax(dim=-1), dropout)
+def written_out_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, dropout: float = 0.0
+) -> torch.Tensor:
+    """Softmax attention as two batched matmuls, for short sequences and single decoding steps.
+    q: (N, nh, L, hs), k, v: (N, nh, S, hs), mask: bool (L, S), True where a query sees a key
+    -> (N, nh, L, hs)."""
+    scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5  # (N, nh, L, S)
+    weights = F.dropout(scores.masked_fill(~mask, float("-inf")).softmax(dim=-1), dropout)
     return weights.to(v.dtype) @ v  # (N, nh, L, hs)
 
 
@@ -82,20 +104,16 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.qkv(x).split(d, dim=-1)  # 3 x (N, L, d)
         # (N, L, d) -> (N, nh, L, hs)
         q, k, v = (t.view(N, L, self.n_heads, d // self.n_heads).transpose(1, 2) for t in (q, k, v))
-        if cache is None and L <= SHORT_SEQUENCE:
-            y = short_causal_attention(q, k, v, self.dropout if self.training else 0.0)  # (N, nh, L, hs)
-            return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(N, L, d)))
-        mask, is_causal = None, True
+        dropout = self.dropout if self.training else 0.0
+        mask = None
         if cache is not None:
-            k, v = cache.append(k, v)  # (N, nh, S, hs), S = cached + L
-            S = k.shape[2]
-            if L == 1:  # one new position sees everything cached
-                is_causal = False
-            elif L < S:  # new position i sees the cached ones and new ones up to i
-                mask, is_causal = torch.ones(L, S, dtype=torch.bool, device=x.device).tril(S - L), False
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0, is_causal=is_causal
-        )  # (N, nh, L, hs)
+            k, v, mask = cache.append(k, v)  # (N, nh, S, hs), mask None (causal) or (L, S)
+        if mask is None and L <= SHORT_SEQUENCE:
+            mask = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
+        if mask is not None:
+            y = written_out_attention(q, k, v, mask, dropout)  # (N, nh, L, hs)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)  # (N, nh, L, hs)
         y = y.transpose(1, 2).reshape(N, L, d)  # (N, L, d)
         return self.resid_dropout(self.proj(y))
 
@@ -235,6 +253,13 @@ class MegaByteConfig(ModelConfig):
         self._check_multiple("d_global", "patch_size", " (every byte gets d_global / patch_size global dimensions)")
         self._check_multiple("d_global", "n_global_heads")
         self._check_multiple("d_local", "n_local_heads")
+        # Each patch's global output (d_global wide) is projected into the local model's P positions; a
+        # local model wider than the global one would spend more on a byte than the model spends on its patch.
+        _require(
+            self.d_local <= self.d_global,
+            f"d_local {self.d_local} is wider than d_global {self.d_global}: use d_local <= d_global "
+            f"(e.g. d_local {max(self.n_local_heads, self.d_global // 2 // self.n_local_heads * self.n_local_heads)})",
+        )
 
 
 @dataclass
@@ -281,43 +306,10 @@ def _check_input(x: torch.Tensor, max_seq_len: int) -> None:
         raise ValueError(f"sequence length {x.shape[1]} is outside 1..max_seq_len ({max_seq_len})")
 
 
-def sample_next_byte(
-    logits: torch.Tensor,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """logits (B, 256) -> LongTensor (B,) of sampled bytes.
-
-    ``temperature`` 0 is greedy (argmax); otherwise logits / temperature are restricted to the
-    ``top_k`` most likely bytes and to the smallest set whose probability reaches ``top_p``.
-    """
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < VOCAB_SIZE:
-        kth = logits.topk(top_k, dim=-1).values[:, -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, 256)
-        probs = sorted_logits.softmax(dim=-1)
-        # Drop a byte when the more likely ones already reach top_p (the most likely always stays).
-        drop = probs.cumsum(dim=-1) - probs >= top_p
-        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
-
-
-def _check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
-    _require(temperature >= 0, f"temperature must be >= 0 (0 is greedy), got {temperature}")
-    _require(top_k is None or 1 <= top_k <= VOCAB_SIZE, f"top_k must be in 1..{VOCAB_SIZE} or None, got {top_k}")
-    _require(top_p is None or 0 < top_p <= 1, f"top_p must be in (0, 1] or None, got {top_p}")
-
-
 class ByteModel(nn.Module):
     """What both architectures share: sampling bytes one at a time from their key/value-cached
-    decoders. Subclasses implement ``forward``, ``prefill`` and ``decode_step``."""
+    decoders (``megabyte/generation.py``). Subclasses implement ``forward``, ``prefill``,
+    ``decode_step`` and ``decode_kind``."""
 
     config: ModelConfig
 
@@ -325,11 +317,18 @@ class ByteModel(nn.Module):
         """prompt LongTensor (B, n), 0 <= n < max_seq_len -> (logits (B, 256) of byte n, decoding state)."""
         raise NotImplementedError
 
-    def decode_step(self, x: torch.Tensor, t: int, state: dict) -> torch.Tensor:
-        """Logits (B, 256) of byte ``t`` given ``x[:, :t]``, after ``x[:, t - 1]`` was chosen."""
+    def decode_step(self, byte: torch.Tensor, t: int, state: dict) -> torch.Tensor:
+        """byte: LongTensor (B,), the byte chosen at position t - 1 -> logits (B, 256) of byte t.
+        Positions live in ``state`` on the device; ``t`` only selects the kind of step."""
         raise NotImplementedError
 
-    @torch.no_grad()
+    def decode_kind(self, t: int) -> int:
+        """Steps of one kind run the same device code (one CUDA graph each); 0..decode_kinds() - 1."""
+        return 0
+
+    def decode_kinds(self) -> int:
+        return 1
+
     def generate(
         self,
         prompt: torch.Tensor,
@@ -338,39 +337,20 @@ class ByteModel(nn.Module):
         top_k: int | None = None,
         top_p: float | None = None,
         generator: torch.Generator | None = None,
+        cuda_graphs: bool | None = None,
     ) -> torch.Tensor:
         """Continue ``prompt`` by ``max_new_bytes`` sampled bytes.
 
         prompt: LongTensor (B, n), values 0..255 (n may be 0); n + max_new_bytes <= max_seq_len.
-        temperature: 0 is greedy decoding; top_k / top_p restrict sampling (see ``sample_next_byte``).
+        temperature: 0 is greedy decoding; top_k / top_p restrict sampling.
         generator: the random generator of the sampling, for reproducible samples.
+        cuda_graphs: replay each decoding step as a CUDA graph; None: on a GPU.
         Returns LongTensor (B, n + max_new_bytes): the prompt followed by the new bytes.
         The model runs in eval mode (no dropout) and is put back in its previous mode.
         """
-        _require(prompt.dim() == 2, f"expected prompt of shape (B, n), got {tuple(prompt.shape)}")
-        _require(prompt.dtype == torch.long, f"expected prompt of dtype torch.long, got {prompt.dtype}")
-        _require(max_new_bytes >= 0, f"max_new_bytes must be >= 0, got {max_new_bytes}")
-        _check_sampling(temperature, top_k, top_p)
-        B, n = prompt.shape
-        total = n + max_new_bytes
-        _require(
-            total <= self.config.max_seq_len,
-            f"prompt ({n} bytes) + max_new_bytes ({max_new_bytes}) exceeds max_seq_len {self.config.max_seq_len}",
-        )
-        x = torch.cat([prompt, prompt.new_zeros(B, max_new_bytes)], dim=1)  # (B, total)
-        if max_new_bytes == 0:
-            return x
-        was_training = self.training
-        self.eval()
-        try:
-            logits, state = self.prefill(prompt)
-            for t in range(n, total):
-                x[:, t] = sample_next_byte(logits, temperature, top_k, top_p, generator)
-                if t + 1 < total:
-                    logits = self.decode_step(x, t + 1, state)
-        finally:
-            self.train(was_training)
-        return x
+        from megabyte.generation import generate  # generation.py builds on this module
+
+        return generate(self, prompt, max_new_bytes, temperature, top_k, top_p, generator, cuda_graphs)
 
 
 class MegaByte(ByteModel):
@@ -405,11 +385,11 @@ class MegaByte(ByteModel):
         self.lm_head = None if config.tie_embeddings else nn.Linear(d_local, VOCAB_SIZE, bias=False)
         init_weights(self, config.init_std)
 
-    def embed_patches(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
-        """Patch embedder. x: LongTensor (B, k*P), bytes from position ``start`` on -> (B, k, d_global):
-        per-byte global embeddings plus positions, concatenated per patch."""
+    def embed_patches(self, x: torch.Tensor, start: int | torch.Tensor = 0) -> torch.Tensor:
+        """Patch embedder. x: LongTensor (B, k*P), bytes from position ``start`` (an int or a 0-dim
+        device tensor) on -> (B, k, d_global): per-byte global embeddings plus positions, concatenated per patch."""
         B, L = x.shape
-        positions = torch.arange(start, start + L, device=x.device)
+        positions = torch.arange(L, device=x.device) + start
         h = self.global_embedding(x) + self.global_pos_embedding(positions)  # (B, k*P, D_G)
         return h.view(B, L // self.config.patch_size, self.config.d_global)  # (B, k, d_global)
 
@@ -468,27 +448,39 @@ class MegaByte(ByteModel):
     def prefill(self, prompt: torch.Tensor) -> tuple[torch.Tensor, dict]:
         B, n = prompt.shape
         P = self.config.patch_size
+        c, r = divmod(n, P)  # c whole patches, r bytes of the current one
         state = {
             "global": self.global_model.new_caches(self.config.max_seq_len // P),
             "local": self.local_model.new_caches(P),
+            "patch": prompt.new_zeros(B, P),  # (B, P) the bytes of the current patch so far
+            "position": torch.tensor(n + 1, device=prompt.device),  # t of the next decode_step
         }
-        c, r = divmod(n, P)  # c whole patches, r bytes of the current one
+        state["patch"][:, :r] = prompt[:, c * P :]
         pad = self.global_pad.expand(B, 1, self.config.d_global)  # (B, 1, d_global)
         h = torch.cat([pad, self.embed_patches(prompt[:, : c * P])], dim=1)  # (B, c+1, d_global)
         state["context"] = self._global_context(h, state)  # (B, P, d_local)
-        h = self.local_input(state["context"][:, : r + 1], prompt[:, c * P :])  # (B, r+1, d_local)
+        h = self.local_input(state["context"][:, : r + 1], state["patch"][:, :r])  # (B, r+1, d_local)
         h = self.local_model(h, state["local"])[:, -1]  # (B, d_local)
         return output_logits(h, self.local_embedding, self.lm_head), state
 
-    def decode_step(self, x: torch.Tensor, t: int, state: dict) -> torch.Tensor:
+    def decode_kind(self, t: int) -> int:
+        return t % self.config.patch_size
+
+    def decode_kinds(self) -> int:
+        return self.config.patch_size
+
+    def decode_step(self, byte: torch.Tensor, t: int, state: dict) -> torch.Tensor:
         P = self.config.patch_size
         p = t % P  # position of byte t in its patch
+        state["patch"][:, (p - 1) % P] = byte
         if p == 0:  # a patch is complete: the global model reads it, the local model starts afresh
-            state["context"] = self._global_context(self.embed_patches(x[:, t - P : t], t - P), state)
+            h = self.embed_patches(state["patch"], state["position"] - P)  # (B, 1, d_global)
+            state["context"].copy_(self._global_context(h, state))
             for cache in state["local"]:
-                cache.length = 0
-        h = self.local_input(state["context"][:, : p + 1], x[:, t - p : t])[:, -1:]  # (B, 1, d_local)
+                cache.reset()
+        h = self.local_input(state["context"][:, : p + 1], state["patch"][:, :p])[:, -1:]  # (B, 1, d_local)
         h = self.local_model(h, state["local"])[:, -1]  # (B, d_local)
+        state["position"].add_(1)
         return output_logits(h, self.local_embedding, self.lm_head)
 
 
@@ -522,12 +514,15 @@ class ByteTransformer(ByteModel):
         return h + self.pos_embedding(torch.arange(h.shape[1], device=h.device))
 
     def prefill(self, prompt: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        state = {"caches": self.transformer.new_caches(self.config.max_seq_len)}
+        state = {
+            "caches": self.transformer.new_caches(self.config.max_seq_len),
+            "position": torch.tensor(prompt.shape[1] + 1, device=prompt.device),  # input position of the next byte
+        }
         h = self.transformer(self.shifted_input(prompt), state["caches"])[:, -1]  # (B, d)
         return output_logits(h, self.embedding, self.lm_head), state
 
-    def decode_step(self, x: torch.Tensor, t: int, state: dict) -> torch.Tensor:
-        position = torch.tensor([t], device=x.device)
-        h = self.embedding(x[:, t - 1 : t]) + self.pos_embedding(position)  # (B, 1, d)
+    def decode_step(self, byte: torch.Tensor, t: int, state: dict) -> torch.Tensor:
+        h = self.embedding(byte[:, None]) + self.pos_embedding(state["position"])  # (B, 1, d)
         h = self.transformer(h, state["caches"])[:, -1]  # (B, d)
+        state["position"].add_(1)
         return output_logits(h, self.embedding, self.lm_head)

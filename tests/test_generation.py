@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from megabyte import ByteTransformer, MegaByte
-from megabyte.model import Transformer, sample_next_byte
+from megabyte.generation import sample_next_byte
+from megabyte.model import Transformer
 from tests.conftest import tiny_megabyte_config, tiny_transformer_config
 
 # init_std 0.3 spreads the logits far apart, so greedy choices never hang on a rounding tie.
@@ -49,7 +50,7 @@ def test_cached_logits_match_the_full_forward(model, n):
         logits, state = model.prefill(x[:, :n])
         torch.testing.assert_close(logits, reference[:, n], atol=1e-5, rtol=1e-5)
         for t in range(n + 1, 40):
-            logits = model.decode_step(x, t, state)
+            logits = model.decode_step(x[:, t - 1], t, state)
             torch.testing.assert_close(logits, reference[:, t], atol=1e-5, rtol=1e-5)
 
 
@@ -61,8 +62,11 @@ def test_transformer_fed_in_chunks_through_its_caches_equals_one_pass():
     with torch.no_grad():
         chunks = [transformer(h[:, a:b], caches) for a, b in ((0, 3), (3, 4), (4, 9), (9, 11))]
     torch.testing.assert_close(torch.cat(chunks, dim=1), transformer(h), atol=1e-6, rtol=1e-5)
+    for cache in caches:
+        cache.reset()
+    torch.testing.assert_close(transformer(h[:, 4:9], caches), transformer(h[:, 4:9]), atol=1e-6, rtol=1e-5)
     with pytest.raises(ValueError, match="KVCache holds 11 positions"):
-        transformer(h[:, :1], caches)
+        transformer(torch.randn(2, 12, 16), transformer.new_caches(11))
 
 
 def test_sampling_is_reproducible_and_restricted(model):
@@ -107,5 +111,5 @@ def test_generate_keeps_training_mode_and_checks_its_arguments():
         model.generate(prompt, 4, top_k=0)
     with pytest.raises(ValueError, match="top_p must be in"):
         model.generate(prompt, 4, top_p=1.5)
-    with pytest.raises(ValueError, match="dtype torch.long"):
+    with pytest.raises(ValueError, match="expected prompt LongTensor"):
         model.generate(prompt.to(torch.uint8), 4)

@@ -1,0 +1,120 @@
+"""Sampling bytes one at a time from a model's key/value-cached decoder (``prefill`` / ``decode_step``).
+
+On a GPU each step (sample a byte, write it, run the decoder for the next one) is captured once as a
+CUDA graph per step kind and then replayed: one launch per byte instead of hundreds, so the speed is
+the GPU's, not the Python interpreter's. Every position of a step lives on the device (the caches'
+lengths, the model's position counter, the index of the byte written), so a graph stays valid for
+every step of its kind. Sampling uses the Gumbel-max trick with uniform noise drawn up front: the
+same bytes with and without graphs, for a given generator.
+"""
+
+import torch
+
+from megabyte.model import VOCAB_SIZE
+
+
+def sample_next_byte(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+    noise: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """logits (B, 256) -> LongTensor (B,) of sampled bytes.
+
+    ``temperature`` 0 is greedy (argmax); otherwise logits / temperature are restricted to the
+    ``top_k`` most likely bytes and to the smallest set whose probability reaches ``top_p``, and a
+    byte is drawn from their softmax as argmax(logits + Gumbel noise). ``noise``: uniform [0, 1)
+    (B, 256), drawn from ``generator`` when not given.
+    """
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < VOCAB_SIZE:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, 256)
+        probs = sorted_logits.softmax(dim=-1)
+        # Drop a byte when the more likely ones already reach top_p (the most likely always stays).
+        drop = probs.cumsum(dim=-1) - probs >= top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    if noise is None:
+        noise = torch.rand(logits.shape, generator=generator, device=logits.device)
+    return (logits - torch.log(-torch.log(noise))).argmax(dim=-1)  # Gumbel-max: a softmax sample
+
+
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+    if top_k is not None and not 1 <= top_k <= VOCAB_SIZE:
+        raise ValueError(f"top_k must be in 1..{VOCAB_SIZE} or None, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
+
+
+@torch.no_grad()
+def generate(
+    model: torch.nn.Module,
+    prompt: torch.Tensor,
+    max_new_bytes: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+    cuda_graphs: bool | None = None,
+) -> torch.Tensor:
+    """``model.generate``: see there. ``cuda_graphs`` None uses them on a GPU."""
+    if prompt.dim() != 2 or prompt.dtype != torch.long:
+        raise ValueError(f"expected prompt LongTensor (B, n), got {prompt.dtype} of shape {tuple(prompt.shape)}")
+    if max_new_bytes < 0:
+        raise ValueError(f"max_new_bytes must be >= 0, got {max_new_bytes}")
+    check_sampling(temperature, top_k, top_p)
+    B, n = prompt.shape
+    total = n + max_new_bytes
+    if total > model.config.max_seq_len:
+        raise ValueError(
+            f"prompt ({n} bytes) + max_new_bytes ({max_new_bytes}) exceeds max_seq_len {model.config.max_seq_len}"
+        )
+    x = torch.cat([prompt, prompt.new_zeros(B, max_new_bytes)], dim=1)  # (B, total)
+    if max_new_bytes == 0:
+        return x
+    device = prompt.device
+    use_graphs = device.type == "cuda" if cuda_graphs is None else cuda_graphs
+    noise = None  # uniform noise of every sampled byte, drawn up front (B, 256) per step
+    if temperature > 0:
+        noise = torch.rand(max_new_bytes, B, VOCAB_SIZE, generator=generator, device=device)
+    was_training = model.training
+    model.eval()
+    try:
+        logits, state = model.prefill(prompt)  # logits (B, 256) of byte n
+        step = torch.zeros((), dtype=torch.long, device=device)  # bytes sampled so far
+
+        def advance(t: int) -> None:
+            """Sample byte t into x, then put the logits of byte t + 1 into ``logits``."""
+            step_noise = None if noise is None else noise.index_select(0, step).squeeze(0)
+            byte = sample_next_byte(logits, temperature, top_k, top_p, noise=step_noise)  # (B,)
+            x.index_copy_(1, step.view(1) + n, byte[:, None])
+            step.add_(1)
+            logits.copy_(model.decode_step(byte, t + 1, state))
+
+        graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        # Eager steps first: one of every kind, which also initialises the kernels a capture needs.
+        warmup = n + model.decode_kinds()
+        for t in range(n, total - 1):
+            kind = model.decode_kind(t + 1)
+            if not use_graphs or t < warmup:
+                advance(t)
+            elif kind in graphs:
+                graphs[kind].replay()
+            else:  # capture records the step without running it: run it by replaying
+                graphs[kind] = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graphs[kind]):
+                    advance(t)
+                graphs[kind].replay()
+        last_noise = None if noise is None else noise[-1]
+        x[:, total - 1] = sample_next_byte(logits, temperature, top_k, top_p, noise=last_noise)
+    finally:
+        model.train(was_training)
+    return x
