@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -67,6 +68,8 @@ def fit(config: Path, text_file: Path, tmp_path: Path) -> Path:
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
 def test_config_fits_then_tests_from_its_checkpoint(config, text_file, tmp_path):
     last = fit(config, text_file, tmp_path)
+    checkpoint = torch.load(last, weights_only=True)  # plain data only: no pickled objects
+    assert checkpoint["datamodule_hyper_parameters"] and checkpoint["hyper_parameters"]["arch"]["class_path"]
     run_dir = last.parent.parent
     assert any(p.name.startswith("best-") for p in last.parent.iterdir())  # best val/bpb is kept too
     logged = scalars(run_dir)

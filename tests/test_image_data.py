@@ -1,6 +1,7 @@
 """ImageDataModule: image <-> bytes in both scans, every source format, splits, cache, bad files."""
 
 import gzip
+import hashlib
 import io
 import pickle
 import shutil
@@ -427,6 +428,38 @@ def test_named_source_download_failure_says_where_to_put_the_files(tmp_path, mon
         dm.prepare_data()
 
 
+def md5s(folder) -> list[tuple[str, str]]:
+    return [(f.name, hashlib.md5(f.read_bytes()).hexdigest()) for f in sorted(folder.iterdir())]
+
+
+def test_a_partial_download_is_never_taken_for_a_complete_one(tmp_path, monkeypatch):
+    raw = tmp_path / "cache" / "torchvision" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    write_idx_images(raw / "train-images-idx3-ubyte.gz", random_pixels(20, 8, 8, 1)[..., 0])
+    write_idx_images(raw / "t10k-images-idx3-ubyte.gz", random_pixels(4, 8, 8, 1)[..., 0])
+    complete = {f.name: f.read_bytes() for f in raw.iterdir()}
+    monkeypatch.setitem(datamodules.image.TORCHVISION_FILES, "mnist", md5s(raw))
+    (raw / "train-images-idx3-ubyte.gz").write_bytes(complete["train-images-idx3-ubyte.gz"][:100])  # cut short
+    downloads = []
+
+    def download(root, train, download):  # what torchvision does: fetch the files that are missing
+        downloads.append(sorted(f.name for f in raw.iterdir()))
+        for name, data in complete.items():
+            if not (raw / name).exists():
+                (raw / name).write_bytes(data)
+
+    monkeypatch.setattr(datamodules.image.torchvision.datasets, "MNIST", download)
+    dm = make_dm("mnist", tmp_path, channels=1)
+    assert downloads == [["t10k-images-idx3-ubyte.gz"]]  # the truncated file was removed before downloading
+    assert [len(dm.splits[s]) for s in ("train", "val", "test")] == [19, 1, 4]
+
+    # a download that still does not match the checksums is an error, not data
+    (raw / "t10k-images-idx3-ubyte.gz").write_bytes(b"not mnist")
+    complete["t10k-images-idx3-ubyte.gz"] = b"still not mnist"
+    with pytest.raises(RuntimeError, match="do not match torchvision's MD5 checksums"):
+        datamodules.image.download_named("mnist", tmp_path / "cache")
+
+
 def test_named_sources_use_files_already_in_the_cache(tmp_path, monkeypatch):
     def no_download(*args, **kwargs):
         raise AssertionError("nothing should be downloaded")
@@ -437,6 +470,8 @@ def test_named_sources_use_files_already_in_the_cache(tmp_path, monkeypatch):
     raw.mkdir(parents=True)
     write_idx_images(raw / "train-images-idx3-ubyte.gz", random_pixels(20, 8, 8, 1)[..., 0])
     write_idx_images(raw / "t10k-images-idx3-ubyte.gz", random_pixels(4, 8, 8, 1)[..., 0])
+    # these stand-ins pass the checksum test only with their own MD5s
+    monkeypatch.setitem(datamodules.image.TORCHVISION_FILES, "mnist", md5s(raw))
     dm = make_dm("mnist", tmp_path, channels=1)
     assert [len(dm.splits[s]) for s in ("train", "val", "test")] == [19, 1, 4]
 
@@ -444,6 +479,7 @@ def test_named_sources_use_files_already_in_the_cache(tmp_path, monkeypatch):
     batches.mkdir()
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
         write_cifar_batch(batches / name, random_pixels(2, 32, 32, 3))
+    monkeypatch.setitem(datamodules.image.TORCHVISION_FILES, "cifar10", md5s(batches))
     dm = make_dm("cifar10", tmp_path, image_size=32, split=(0.8, 0.2, 0.0))
     assert [len(dm.splits[s]) for s in ("train", "val", "test")] == [8, 2, 2]
 
