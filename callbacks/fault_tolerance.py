@@ -10,7 +10,6 @@ run's ``last.ckpt`` only when both write to the same folder, e.g. with a fixed
 """
 
 import logging
-import math
 import os
 import signal
 from pathlib import Path
@@ -51,15 +50,22 @@ class FaultTolerance(Callback):
     Args:
         save_on_sigterm: On SIGTERM, write ``last.ckpt`` in the ModelCheckpoint's folder (the state
             after the last finished step) before the process exits.
-        stop_on_nonfinite: Stop at the first NaN or infinite training loss with an error naming the step
-            and the last checkpoint written; its weights are never saved. Checks the loss on the host
-            once per step (a synchronisation with the GPU).
+        stop_on_nonfinite: Stop at a NaN or infinite training loss with an error naming the first such
+            step and the last checkpoint written. The losses are checked on the device; the host
+            reads the result every ``check_every_n_batches`` batches, before every validation and
+            before every checkpoint is written, so weights after a non-finite loss are never saved
+            and no training step waits for the host. (``model.skip_nonfinite`` skips such steps instead.)
+        check_every_n_batches: Batches between two reads of the check on the host.
     """
 
-    def __init__(self, save_on_sigterm: bool = True, stop_on_nonfinite: bool = True) -> None:
+    def __init__(self, save_on_sigterm: bool = True, stop_on_nonfinite: bool = True, check_every_n_batches: int = 50) -> None:
+        if check_every_n_batches < 1:
+            raise ValueError(f"check_every_n_batches must be a positive integer, got {check_every_n_batches}")
         self.save_on_sigterm = save_on_sigterm
         self.stop_on_nonfinite = stop_on_nonfinite
+        self.check_every_n_batches = check_every_n_batches
         self._nonfinite = False
+        self._first_bad: torch.Tensor | None = None  # 0-dim, the first step with a non-finite loss, or -1
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         strategy = trainer.strategy
@@ -70,13 +76,32 @@ class FaultTolerance(Callback):
         # Runs before ModelCheckpoint's hook (Lightning orders checkpoint callbacks last).
         if not self.stop_on_nonfinite or not isinstance(outputs, dict) or "loss" not in outputs:
             return
-        loss = outputs["loss"].detach().float().item()  # the step's optimizer update is done: global_step counts it
-        if not math.isfinite(loss):
+        loss = outputs["loss"].detach()
+        if self._first_bad is None:
+            self._first_bad = torch.full((), -1, dtype=torch.long, device=loss.device)
+        # The step's optimizer update is done: global_step counts it. No host synchronisation here.
+        step = torch.full_like(self._first_bad, trainer.global_step - 1)
+        seen = torch.isfinite(loss) | (self._first_bad >= 0)
+        self._first_bad = torch.where(seen, self._first_bad, step)
+        if (batch_idx + 1) % self.check_every_n_batches == 0:
+            self._check(trainer)
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._check(trainer)
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        self._check(trainer)  # runs before the checkpoint is written: raising keeps the last good one
+
+    def _check(self, trainer: L.Trainer) -> None:
+        if self._first_bad is None or self._nonfinite:
+            return
+        step = int(self._first_bad)  # the one host synchronisation
+        if step >= 0:
             self._nonfinite = True
             raise FloatingPointError(
-                f"training loss is {loss} at step {trainer.global_step - 1} (epoch {trainer.current_epoch}, batch "
-                f"{batch_idx}); stopped before saving its weights. Last checkpoint: {last_checkpoint(trainer)}. "
-                f"Resume from it with a lower model.lr or a gradient_clip_val."
+                f"training loss is nan or inf at step {step} (epoch {trainer.current_epoch}); stopped before "
+                f"saving weights after it. Last checkpoint: {last_checkpoint(trainer)}. Resume from it with a "
+                f"lower model.lr or a gradient_clip_val, or set model.skip_nonfinite to skip such steps."
             )
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from jsonargparse import set_parsing_settings
+from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import MeanMetric
 
 from megabyte.model import VOCAB_SIZE, ByteTransformer, ByteTransformerConfig, MegaByte, MegaByteConfig, ModelConfig
@@ -92,6 +93,7 @@ class MegaByteLM(L.LightningModule):
         schedule: Literal["linear", "cosine", "constant"] = "linear",
         min_lr_ratio: float = 0.0,
         compile: bool | None = None,
+        skip_nonfinite: bool = False,
     ) -> None:
         """
         Args:
@@ -105,6 +107,9 @@ class MegaByteLM(L.LightningModule):
             min_lr_ratio: Final learning rate as a fraction of ``lr``.
             compile: ``torch.compile`` the model (one graph, no breaks) for training and evaluation;
                 None compiles on a GPU and not on the CPU.
+            skip_nonfinite: Skip a training step whose loss is NaN or infinite (no update; a warning
+                names it) instead of stopping (the FaultTolerance callback). Reads the loss on the
+                host every step: a synchronisation with the GPU.
         """
         super().__init__()
         if isinstance(arch, dict):  # from a checkpoint's hyperparameters
@@ -167,10 +172,13 @@ class MegaByteLM(L.LightningModule):
         x = x.long()
         return bits_per_byte(self.model(x), x), mask
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         bits, mask = self._bits(batch)
         bpb = (bits * mask).sum() / mask.sum()
         loss = bpb * math.log(2)  # mean nats per byte
+        if self.hparams.skip_nonfinite and not torch.isfinite(loss):
+            rank_zero_warn(f"skipped a training step with loss {loss.item()} (batch {batch_idx}, step {self.global_step})")
+            return None  # Lightning takes no optimizer step
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/bpb", bpb)
         return loss

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -15,9 +16,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from callbacks.fault_tolerance import AtomicCheckpointIO
 from cli import main
+from datamodules import TextDataModule
 from datamodules.windows import ResumableSampler
-import lightning as L
-
 from megabyte import MegaByteLM
 from tests.conftest import REPO, tiny_megabyte_config, tiny_transformer_config
 
@@ -118,7 +118,7 @@ def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_good_checkpoint(smal
         "--trainer.callbacks+=tests.fault_helpers.NanWeightsAtStep", "--trainer.callbacks.step=7",
         "--checkpoint.every_n_train_steps=2",
     ]  # fmt: skip
-    with pytest.raises(FloatingPointError, match=r"training loss is nan at step 7 .*last\.ckpt"):
+    with pytest.raises(FloatingPointError, match=r"training loss is nan or inf at step 7 .*last\.ckpt"):
         main(args)
     (last,) = (tmp_path / "nan").rglob("last.ckpt")
     checkpoint = torch.load(last, weights_only=True)
@@ -170,3 +170,36 @@ def test_checkpoint_of_another_architecture_gives_one_clear_error(uninterrupted_
     model = MegaByteLM(tiny_megabyte_config(max_seq_len=32, **TINY_ARCH))
     model.on_load_checkpoint(checkpoint)  # the same architecture loads
     model.load_state_dict(checkpoint["state_dict"])
+
+
+class NanLossOnce(L.Callback):
+    """The model's logits are NaN for the batch of one training step only."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+        self.weights = {}  # global step -> a copy of the weights before it
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.weights[trainer.global_step] = [p.detach().clone() for p in pl_module.parameters()]
+        forward = pl_module.model.forward
+        if trainer.global_step == self.step and "forward" not in vars(pl_module.model):
+            pl_module.model.forward = lambda x: forward(x) * float("nan")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        vars(pl_module.model).pop("forward", None)
+
+
+def test_skip_nonfinite_skips_the_step_and_trains_on(text_file, tmp_path):
+    datamodule = TextDataModule(str(text_file), seq_len=32, batch_size=2, num_workers=0, cache_dir=str(tmp_path))
+    model = MegaByteLM(tiny_megabyte_config(max_seq_len=32), warmup_steps=1, skip_nonfinite=True)
+    nan_once = NanLossOnce(step=2)
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=5, limit_val_batches=0, logger=False, enable_checkpointing=False,
+        callbacks=[nan_once], enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    with pytest.warns(UserWarning, match="skipped a training step with loss nan"):
+        trainer.fit(model, datamodule)
+    w = nan_once.weights
+    assert all(torch.equal(a, b) for a, b in zip(w[2], w[3]))  # the NaN step changed nothing
+    assert not all(torch.equal(a, b) for a, b in zip(w[3], w[4]))  # the next one trained
+    assert all(torch.isfinite(p).all() for p in model.parameters())
