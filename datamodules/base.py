@@ -76,6 +76,16 @@ class ByteDataModule(L.LightningDataModule):
         Needs ``setup``."""
         raise NotImplementedError
 
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.eval_dataset("val"))
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.eval_dataset("test"))
+
+    def predict_dataloader(self) -> DataLoader:
+        """The test split (``predict`` gives the bits spent on each of its bytes)."""
+        return self.test_dataloader()
+
     def examples(self, n: int, split: str = "val") -> list[torch.Tensor]:
         """``n`` sequences spread evenly over ``split`` (uint8 (L,) each), to prompt generation with.
 

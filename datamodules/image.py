@@ -661,15 +661,6 @@ class ImageDataModule(ByteDataModule):
         few = len(train) < self.batch_size
         return self._train_loader(train, self.batch_size if few else len(train), replacement=few)
 
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.eval_dataset("val"))
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.eval_dataset("test"))
-
-    def predict_dataloader(self) -> DataLoader:
-        return self.test_dataloader()
-
     def eval_dataset(self, split: str) -> Dataset:
         """Every image of ``split`` once, in source order: uint8 tensors (seq_len,)."""
         if not self.splits:

@@ -247,15 +247,6 @@ class TextDataModule(ByteDataModule):
         n_windows = max(self.batch_size, len(self.splits["train"]) // self.seq_len)
         return self._train_loader(windows, n_windows, replacement=True)
 
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.eval_dataset("val"))
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.eval_dataset("test"))
-
-    def predict_dataloader(self) -> DataLoader:
-        return self.test_dataloader()
-
     def eval_dataset(self, split: str) -> Dataset:
         """Consecutive windows of ``seq_len`` bytes covering the split once (the last may be shorter)."""
         return EvalWindows(self.splits[split], self.seq_len)
