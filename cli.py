@@ -10,6 +10,7 @@ samples as files of the data's medium (``.txt``, ``.png``, ``.wav``).
 import importlib
 import inspect
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -178,6 +179,9 @@ def main(args: list[str] | None = None, run: bool = True) -> MegaByteCLI:
     """Parse ``args`` (default: the command line) and run the subcommand; with ``run=False`` there is
     no subcommand: the model, data and Trainer are only built (benchmarks drive them)."""
     torch.set_float32_matmul_precision("high")  # TF32 for any float32 matmul on recent GPUs
+    # Lightning warns on every mid-epoch resume that the DataLoader cannot resume; our DataModules
+    # restore their sampling state themselves (ByteDataModule.state_dict), so it does not apply.
+    warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
     return MegaByteCLI(
         MegaByteLM,
         ByteDataModule,
