@@ -21,7 +21,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
 from callbacks.fault_tolerance import FaultTolerance
-from callbacks.samples import SampleCallback, validation_prompts
+from callbacks.samples import SampleCallback, generate_samples, validation_prompts
 from callbacks.throughput import ThroughputCallback
 from datamodules.base import ByteDataModule
 from megabyte import MegaByteLM
@@ -149,13 +149,8 @@ class MegaByteCLI(LightningCLI):
             datamodule.prepare_data()
             datamodule.setup("validate")
             prompts, originals, sample_len = validation_prompts(datamodule, n_samples, sample_len, prompt_fraction)
-        device = self.trainer.strategy.root_device
-        model.to(device)
-        generator = torch.Generator(device=device).manual_seed(seed)
-        with self.trainer.precision_plugin.forward_context():
-            samples = model.model.generate(
-                prompts.to(device), sample_len - prompts.shape[1], temperature, top_k, top_p, generator
-            ).cpu()
+        model.to(self.trainer.strategy.root_device)
+        samples = generate_samples(self.trainer, model.model, prompts, sample_len, seed, temperature, top_k, top_p)
         folder = Path(output_dir)
         folder.mkdir(parents=True, exist_ok=True)
         written = [datamodule.save(sample, folder / f"sample_{i}") for i, sample in enumerate(samples)]

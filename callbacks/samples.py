@@ -39,6 +39,25 @@ def validation_prompts(
     return originals[:, :prompt_len], originals, sample_len
 
 
+def generate_samples(
+    trainer: L.Trainer,
+    model: torch.nn.Module,
+    prompts: torch.Tensor,
+    sample_len: int,
+    seed: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+) -> torch.Tensor:
+    """Continue ``prompts`` (LongTensor (B, n)) to ``sample_len`` bytes on the Trainer's device and
+    under its precision (e.g. bf16 autocast), seeded -> LongTensor (B, sample_len) on the CPU."""
+    device = trainer.strategy.root_device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    with trainer.precision_plugin.forward_context():
+        new_bytes = sample_len - prompts.shape[1]
+        return model.generate(prompts.to(device), new_bytes, temperature, top_k, top_p, generator).cpu()
+
+
 def as_code_block(text: str) -> str:
     """Markdown code block by indentation: whitespace and backticks survive TensorBoard's renderer."""
     return "\n".join("    " + line for line in text.split("\n"))
@@ -105,11 +124,7 @@ class SampleCallback(L.Callback):
             return
         sample_len = datamodule.seq_len if datamodule.media == "image" else self.sample_len
         prompts, originals, sample_len = validation_prompts(datamodule, self.n_samples, sample_len, self.prompt_fraction)
-        generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
-        with trainer.precision_plugin.forward_context():
-            samples = pl_module.model.generate(
-                prompts.to(pl_module.device), sample_len - prompts.shape[1], generator=generator, **self.sampling
-            ).cpu()  # (B, sample_len)
+        samples = generate_samples(trainer, pl_module.model, prompts, sample_len, self.seed, **self.sampling)
         step = trainer.global_step
         if datamodule.media == "image":
             pairs = [image for original, sample in zip(originals, samples) for image in (original, sample)]

@@ -356,6 +356,7 @@ class ByteModel(nn.Module):
 class MegaByte(ByteModel):
     """MEGABYTE: a global transformer over patches of P bytes and a local transformer
     that predicts the bytes inside each patch."""
+
     def __init__(self, config: MegaByteConfig) -> None:
         super().__init__()
         self.config = config
