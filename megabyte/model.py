@@ -24,11 +24,12 @@ VOCAB_SIZE = 256  # one token per byte value
 class KVCache:
     """The keys and values one attention layer has seen, for decoding a few positions at a time.
 
-    Buffers (N, nh, max_len, hs) are allocated on the first ``append`` with the dtype and device of
-    the keys. ``length`` (a 0-dim device tensor) counts the filled positions: decoding steps never
-    read it on the host, so a step can be captured once as a CUDA graph and replayed. The first
-    append after ``reset`` (a prefill) writes positions 0..L-1 and attends causally among them;
-    later ones attend over the whole buffer through a mask of the filled positions.
+    Buffers (N, nh, max_len, hs) are allocated on the first ``append`` (the prefill) with the dtype
+    and device of the keys; it writes positions 0..L-1, which attend causally among themselves.
+    ``length`` (a 0-dim device tensor) counts the filled positions: later appends write at
+    ``length`` and attend over the whole buffers through a mask of the filled positions, without
+    reading ``length`` on the host, so a decoding step can be captured once as a CUDA graph (or
+    compiled) and replayed.
     """
 
     def __init__(self, max_len: int) -> None:
@@ -36,41 +37,39 @@ class KVCache:
         self.k: torch.Tensor | None = None
         self.v: torch.Tensor | None = None
         self.length: torch.Tensor | None = None
-        self.fresh = True
 
     def reset(self) -> None:
         """Forget every position (the buffers stay)."""
-        self.fresh = True
         if self.length is not None:
             self.length.zero_()
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """k, v: (N, nh, L, hs) of the next L positions -> (keys, values, mask) to attend over:
-        the new ones alone and mask None (causal) on a fresh cache, else the whole buffers
+        on the first append the new ones alone and mask None (causal), later the whole buffers
         (N, nh, max_len, hs) and a bool mask (L, max_len) of the positions each new one sees."""
         L = k.shape[2]
         if self.k is None:
-            self.k = k.new_zeros(*k.shape[:2], self.max_len, k.shape[3])
-            self.v = v.new_zeros(*v.shape[:2], self.max_len, v.shape[3])
-            self.length = torch.zeros((), dtype=torch.long, device=k.device)
-        if self.fresh:
             if L > self.max_len:
                 raise ValueError(f"KVCache holds {self.max_len} positions; cannot add {L}")
+            self.k = k.new_zeros(*k.shape[:2], self.max_len, k.shape[3])
+            self.v = v.new_zeros(*v.shape[:2], self.max_len, v.shape[3])
             self.k[:, :, :L], self.v[:, :, :L] = k, v
-            self.length.fill_(L)
-            self.fresh = False
+            self.length = torch.tensor(L, device=k.device)
             return k, v, None
         positions = self.length + torch.arange(L, device=k.device)  # (L,)
-        self.k.index_copy_(2, positions, k)
-        self.v.index_copy_(2, positions, v)
+        self.k[:, :, positions] = k  # in place, also under torch.compile
+        self.v[:, :, positions] = v
         self.length.add_(L)
         mask = torch.arange(self.max_len, device=k.device) <= positions[:, None]  # (L, max_len)
         return self.k, self.v, mask
 
 
-# Up to this length (the local model's P), attention is two small batched matmuls: fused attention
-# kernels tile queries and keys by 64 or 128 and would spend most of their work on padding.
+# Up to this length (the local model's P), fused attention kernels, which tile queries and keys by 64
+# or 128, would spend most of their work on padding. On a GPU, G such sequences are put side by side
+# as one of length G * L <= PACKED_LENGTH under a block-diagonal causal mask, which fills the tiles;
+# elsewhere attention is two small batched matmuls (written out).
 SHORT_SEQUENCE = 32
+PACKED_LENGTH = 128
 
 
 def written_out_attention(
@@ -82,6 +81,23 @@ def written_out_attention(
     scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5  # (N, nh, L, S)
     weights = F.dropout(scores.masked_fill(~mask, float("-inf")).softmax(dim=-1), dropout)
     return weights.to(v.dtype) @ v  # (N, nh, L, hs)
+
+
+def sequences_per_pack(N: int, L: int) -> int:
+    """How many of N sequences of length L to attend as one: the largest divisor G of N with
+    G * L <= PACKED_LENGTH (1 leaves them apart)."""
+    return max(G for G in range(1, max(1, PACKED_LENGTH // L) + 1) if N % G == 0)
+
+
+def packs_short_sequences(device: torch.device) -> bool:
+    """Packing pays where fused attention kernels run; on the CPU it would only multiply the work."""
+    return device.type == "cuda"
+
+
+def block_causal_mask(G: int, L: int, device: torch.device) -> torch.Tensor:
+    """bool (G*L, G*L): position i sees j when both lie in the same block of L and j <= i."""
+    i = torch.arange(G * L, device=device)
+    return (i[:, None] // L == i // L) & (i[:, None] >= i)
 
 
 class CausalSelfAttention(nn.Module):
@@ -101,19 +117,24 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """x: (N, L, d) -> (N, L, d). With a ``cache``, x holds the L positions after the cached ones."""
         N, L, d = x.shape
-        q, k, v = self.qkv(x).split(d, dim=-1)  # 3 x (N, L, d)
-        # (N, L, d) -> (N, nh, L, hs)
-        q, k, v = (t.view(N, L, self.n_heads, d // self.n_heads).transpose(1, 2) for t in (q, k, v))
         dropout = self.dropout if self.training else 0.0
         mask = None
+        if cache is None and L <= SHORT_SEQUENCE:
+            G = sequences_per_pack(N, L) if packs_short_sequences(x.device) else 1
+            x = x.reshape(N // G, G * L, d)  # (N/G, G*L, d): G sequences side by side
+            mask = block_causal_mask(G, L, x.device)  # (G*L, G*L)
+        n, l = x.shape[:2]
+        q, k, v = self.qkv(x).split(d, dim=-1)  # 3 x (n, l, d)
+        # (n, l, d) -> (n, nh, l, hs)
+        q, k, v = (t.view(n, l, self.n_heads, d // self.n_heads).transpose(1, 2) for t in (q, k, v))
         if cache is not None:
-            k, v, mask = cache.append(k, v)  # (N, nh, S, hs), mask None (causal) or (L, S)
-        if mask is None and L <= SHORT_SEQUENCE:
-            mask = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
-        if mask is not None:
-            y = written_out_attention(q, k, v, mask, dropout)  # (N, nh, L, hs)
+            k, v, mask = cache.append(k, v)  # (n, nh, S, hs), mask None (causal) or (l, S)
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)  # (n, nh, l, hs)
+        elif packs_short_sequences(x.device):  # one fused kernel
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)  # (n, nh, l, hs)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)  # (N, nh, L, hs)
+            y = written_out_attention(q, k, v, mask, dropout)  # (n, nh, l, hs)
         y = y.transpose(1, 2).reshape(N, L, d)  # (N, L, d)
         return self.resid_dropout(self.proj(y))
 
@@ -338,6 +359,7 @@ class ByteModel(nn.Module):
         top_p: float | None = None,
         generator: torch.Generator | None = None,
         cuda_graphs: bool | None = None,
+        compile: bool = False,
     ) -> torch.Tensor:
         """Continue ``prompt`` by ``max_new_bytes`` sampled bytes.
 
@@ -345,12 +367,15 @@ class ByteModel(nn.Module):
         temperature: 0 is greedy decoding; top_k / top_p restrict sampling.
         generator: the random generator of the sampling, for reproducible samples.
         cuda_graphs: replay each decoding step as a CUDA graph; None: on a GPU.
+        compile: fuse each kind of decoding step with ``torch.compile`` (compiled at every call: pays
+            for long generations).
+        Under autocast (e.g. Lightning's bf16-mixed), a copy of the model in autocast's dtype decodes.
         Returns LongTensor (B, n + max_new_bytes): the prompt followed by the new bytes.
         The model runs in eval mode (no dropout) and is put back in its previous mode.
         """
         from megabyte.generation import generate  # generation.py builds on this module
 
-        return generate(self, prompt, max_new_bytes, temperature, top_k, top_p, generator, cuda_graphs)
+        return generate(self, prompt, max_new_bytes, temperature, top_k, top_p, generator, cuda_graphs, compile)
 
 
 class MegaByte(ByteModel):
@@ -465,21 +490,24 @@ class MegaByte(ByteModel):
         return output_logits(h, self.local_embedding, self.lm_head), state
 
     def decode_kind(self, t: int) -> int:
-        return t % self.config.patch_size
+        """1 where byte t starts a patch (the global model runs first), else 0."""
+        return int(t % self.config.patch_size == 0)
 
     def decode_kinds(self) -> int:
-        return self.config.patch_size
+        return 2
 
     def decode_step(self, byte: torch.Tensor, t: int, state: dict) -> torch.Tensor:
         P = self.config.patch_size
-        p = t % P  # position of byte t in its patch
-        state["patch"][:, (p - 1) % P] = byte
-        if p == 0:  # a patch is complete: the global model reads it, the local model starts afresh
+        p = (state["position"] % P).view(1)  # (1,) position of byte t in its patch, on the device
+        state["patch"].index_copy_(1, (p - 1) % P, byte[:, None])  # byte t - 1 ends its patch when p = 0
+        if t % P == 0:  # a patch is complete: the global model reads it, the local model starts afresh
             h = self.embed_patches(state["patch"], state["position"] - P)  # (B, 1, d_global)
             state["context"].copy_(self._global_context(h, state))
             for cache in state["local"]:
                 cache.reset()
-        h = self.local_input(state["context"][:, : p + 1], state["patch"][:, :p])[:, -1:]  # (B, 1, d_local)
+        prev = self.local_embedding(state["patch"].index_select(1, (p - 1) % P))  # (B, 1, d_local)
+        prev = torch.where(p == 0, self.local_pad, prev)  # the local pad at patch position 0
+        h = state["context"].index_select(1, p) + prev + self.local_pos_embedding(p)  # (B, 1, d_local)
         h = self.local_model(h, state["local"])[:, -1]  # (B, d_local)
         state["position"].add_(1)
         return output_logits(h, self.local_embedding, self.lm_head)

@@ -163,3 +163,27 @@ def test_both_models_compile_to_one_graph_without_breaks(tiny_model):
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1
     compiled = torch.compile(tiny_model, backend="eager", fullgraph=True)
     torch.testing.assert_close(compiled(x), tiny_model(x))
+
+
+@pytest.mark.parametrize("N", [24, 7])  # packs of 12 and of 7 patches (at most 128 / 8)
+def test_packed_short_sequences_equal_separate_ones(monkeypatch, N):
+    """The GPU's packing of the local model's patches (G side by side under a block-diagonal mask,
+    one fused kernel) gives the outputs and gradients of attending each patch alone."""
+    from megabyte import model as model_module
+
+    torch.manual_seed(0)
+    transformer = model_module.Transformer(d_model=16, n_layers=2, n_heads=2, d_hidden=32, dropout=0.0).double()
+    h = torch.randn(N, 8, 16, dtype=torch.float64, requires_grad=True)
+    separate = transformer(h)
+    (grad_separate,) = torch.autograd.grad(separate.square().sum(), h)
+    assert model_module.sequences_per_pack(N, 8) == (12 if N == 24 else 7)
+    monkeypatch.setattr(model_module, "packs_short_sequences", lambda device: True)
+    packed = transformer(h)
+    (grad_packed,) = torch.autograd.grad(packed.square().sum(), h)
+    torch.testing.assert_close(packed, separate)
+    torch.testing.assert_close(grad_packed, grad_separate)
+    mask = model_module.block_causal_mask(2, 3, h.device)
+    assert mask.int().tolist() == [
+        [1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0],
+        [0, 0, 0, 1, 0, 0], [0, 0, 0, 1, 1, 0], [0, 0, 0, 1, 1, 1],
+    ]  # fmt: skip
