@@ -115,6 +115,7 @@ class MegaByteCLI(LightningCLI):
         top_k: int | None = None,
         top_p: float | None = None,
         seed: int = 0,
+        compile: bool = False,
     ) -> list[Path]:
         """Generate samples from a checkpoint into files of the data's medium (.txt, .png or .wav).
 
@@ -133,6 +134,8 @@ class MegaByteCLI(LightningCLI):
             top_k: Sample among the k most likely bytes only.
             top_p: Sample from the smallest set of bytes whose probability reaches top_p.
             seed: Seed of the sampling.
+            compile: Compile the decoding steps (``torch.compile``): about a minute at the start,
+                then about 1.7x the bytes/s on a GPU; pays for long samples.
         """
         checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         model.load_state_dict(checkpoint["state_dict"])
@@ -150,7 +153,9 @@ class MegaByteCLI(LightningCLI):
             datamodule.setup("validate")
             prompts, originals, sample_len = validation_prompts(datamodule, n_samples, sample_len, prompt_fraction)
         model.to(self.trainer.strategy.root_device)
-        samples = generate_samples(self.trainer, model.model, prompts, sample_len, seed, temperature, top_k, top_p)
+        samples = generate_samples(
+            self.trainer, model.model, prompts, sample_len, seed, temperature, top_k, top_p, compile
+        )
         folder = Path(output_dir)
         folder.mkdir(parents=True, exist_ok=True)
         written = [datamodule.save(sample, folder / f"sample_{i}") for i, sample in enumerate(samples)]

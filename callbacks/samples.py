@@ -48,14 +48,16 @@ def generate_samples(
     temperature: float = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,
+    compile: bool = False,
 ) -> torch.Tensor:
     """Continue ``prompts`` (LongTensor (B, n)) to ``sample_len`` bytes on the Trainer's device and
-    under its precision (e.g. bf16 autocast), seeded -> LongTensor (B, sample_len) on the CPU."""
+    under its precision (e.g. bf16 autocast), seeded -> LongTensor (B, sample_len) on the CPU.
+    ``compile``: compiled decoding steps (``model.generate``)."""
     device = trainer.strategy.root_device
     generator = torch.Generator(device=device).manual_seed(seed)
     with trainer.precision_plugin.forward_context():
         new_bytes = sample_len - prompts.shape[1]
-        return model.generate(prompts.to(device), new_bytes, temperature, top_k, top_p, generator).cpu()
+        return model.generate(prompts.to(device), new_bytes, temperature, top_k, top_p, generator, compile=compile).cpu()
 
 
 def as_code_block(text: str) -> str:

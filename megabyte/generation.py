@@ -8,6 +8,10 @@ every step of its kind. Sampling uses the Gumbel-max trick with uniform noise dr
 same bytes with and without graphs, for a given generator.
 """
 
+import copy
+import functools
+from collections.abc import Callable
+
 import torch
 
 from megabyte.model import VOCAB_SIZE
@@ -64,8 +68,10 @@ def generate(
     top_p: float | None = None,
     generator: torch.Generator | None = None,
     cuda_graphs: bool | None = None,
+    compile: bool = False,
 ) -> torch.Tensor:
-    """``model.generate``: see there. ``cuda_graphs`` None uses them on a GPU."""
+    """``model.generate``: see there. ``cuda_graphs`` None uses them on a GPU. Under autocast, the
+    model is decoded as a copy in autocast's dtype (e.g. bf16)."""
     if prompt.dim() != 2 or prompt.dtype != torch.long:
         raise ValueError(f"expected prompt LongTensor (B, n), got {prompt.dtype} of shape {tuple(prompt.shape)}")
     if max_new_bytes < 0:
@@ -81,6 +87,12 @@ def generate(
     if max_new_bytes == 0:
         return x
     device = prompt.device
+    if torch.is_autocast_enabled(device.type):
+        # Decode a copy of the model in autocast's dtype, autocast off: autocast would cast every weight
+        # again at every step (its cast cache is off inside CUDA graphs).
+        half = copy.deepcopy(model).to(torch.get_autocast_dtype(device.type))
+        with torch.autocast(device.type, enabled=False):
+            return generate(half, prompt, max_new_bytes, temperature, top_k, top_p, generator, cuda_graphs, compile)
     use_graphs = device.type == "cuda" if cuda_graphs is None else cuda_graphs
     noise = None  # uniform noise of every sampled byte, drawn up front (B, 256) per step
     if temperature > 0:
@@ -99,19 +111,27 @@ def generate(
             step.add_(1)
             logits.copy_(model.decode_step(byte, t + 1, state))
 
+        # Steps of one kind run the same device code whatever t is: one function (compiled or not)
+        # and one CUDA graph per kind, made after the kind ran eagerly (which also compiles it and
+        # initialises the kernels a capture needs).
+        steps: dict[int, Callable[[], None]] = {}
+        runs: dict[int, int] = {}
         graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        # Eager steps first: one of every kind, which also initialises the kernels a capture needs.
-        warmup = n + model.decode_kinds()
         for t in range(n, total - 1):
             kind = model.decode_kind(t + 1)
-            if not use_graphs or t < warmup:
-                advance(t)
+            if kind not in steps:
+                steps[kind] = functools.partial(advance, t)
+                if compile:
+                    steps[kind] = torch.compile(steps[kind], fullgraph=True, dynamic=False)
+            runs[kind] = runs.get(kind, 0) + 1
+            if not use_graphs or runs[kind] <= (2 if compile else 1):
+                steps[kind]()
             elif kind in graphs:
                 graphs[kind].replay()
             else:  # capture records the step without running it: run it by replaying
                 graphs[kind] = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graphs[kind]):
-                    advance(t)
+                    steps[kind]()
                 graphs[kind].replay()
         last_noise = None if noise is None else noise[-1]
         x[:, total - 1] = sample_next_byte(logits, temperature, top_k, top_p, noise=last_noise)

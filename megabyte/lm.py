@@ -93,6 +93,7 @@ class MegaByteLM(L.LightningModule):
         schedule: Literal["linear", "cosine", "constant"] = "linear",
         min_lr_ratio: float = 0.0,
         compile: bool | None = None,
+        compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default",
         skip_nonfinite: bool = False,
     ) -> None:
         """
@@ -107,6 +108,8 @@ class MegaByteLM(L.LightningModule):
             min_lr_ratio: Final learning rate as a fraction of ``lr``.
             compile: ``torch.compile`` the model (one graph, no breaks) for training and evaluation;
                 None compiles on a GPU and not on the CPU.
+            compile_mode: ``torch.compile``'s mode. "reduce-overhead" replays each step's forward and
+                backward as CUDA graphs (no kernel launches from the host).
             skip_nonfinite: Skip a training step whose loss is NaN or infinite (no update; a warning
                 names it) instead of stopping (the FaultTolerance callback). Reads the loss on the
                 host every step: a synchronisation with the GPU.
@@ -138,7 +141,8 @@ class MegaByteLM(L.LightningModule):
         if compile is None:
             compile = self.trainer.strategy.root_device.type == "cuda"
         if compile and not getattr(self.model, "_compiled_call_impl", None):
-            self.model.compile(fullgraph=True, dynamic=False)
+            mode = None if self.hparams.compile_mode == "default" else self.hparams.compile_mode
+            self.model.compile(fullgraph=True, dynamic=False, mode=mode)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint of another architecture with one error naming the differing options
@@ -170,6 +174,8 @@ class MegaByteLM(L.LightningModule):
     def _bits(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         x, mask = batch
         x = x.long()
+        if self.hparams.compile_mode in ("reduce-overhead", "max-autotune"):
+            torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs are free to reuse
         return bits_per_byte(self.model(x), x), mask
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor | None:

@@ -113,3 +113,35 @@ def test_generate_keeps_training_mode_and_checks_its_arguments():
         model.generate(prompt, 4, top_p=1.5)
     with pytest.raises(ValueError, match="expected prompt LongTensor"):
         model.generate(prompt.to(torch.uint8), 4)
+
+
+def test_compiled_decoding_steps_give_the_same_bytes(model):
+    """generate(compile=True) fuses each kind of step with torch.compile (inductor, here on the CPU);
+    the caches are written in place, so the bytes equal the uncompiled decoding's."""
+    prompt = torch.randint(0, 256, (2, 6), generator=torch.Generator().manual_seed(0))
+    greedy = model.generate(prompt, 30, temperature=0)
+    assert torch.equal(model.generate(prompt, 30, temperature=0, compile=True), greedy)
+    sampled = model.generate(prompt, 30, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(model.generate(prompt, 30, generator=torch.Generator().manual_seed(4), compile=True), sampled)
+
+
+def test_under_autocast_a_copy_in_its_dtype_decodes(model, monkeypatch):
+    """bf16 autocast: a bf16 copy decodes with autocast off (no weight casts at every step), giving the
+    bytes of the model cast to bf16; the model itself is untouched."""
+    seen = []
+    decode_step = type(model).decode_step
+
+    def spy(self, *args):
+        seen.append((next(self.parameters()).dtype, torch.is_autocast_enabled("cpu")))
+        return decode_step(self, *args)
+
+    prompt = torch.randint(0, 256, (2, 5), generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(type(model), "decode_step", spy)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = model.generate(prompt, 20, generator=torch.Generator().manual_seed(1))
+    assert set(seen) == {(torch.bfloat16, False)}
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    half = MODELS["megabyte" if isinstance(model, MegaByte) else "transformer"]().eval()
+    half.load_state_dict(model.state_dict())
+    expected = half.to(torch.bfloat16).generate(prompt, 20, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(mixed, expected)
