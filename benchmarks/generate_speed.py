@@ -9,6 +9,7 @@ size: bytes/s per sequence and in all, seconds, peak memory.
 """
 
 import argparse
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -19,14 +20,18 @@ import torch
 from cli import main
 
 
-def graphs_match_eager(model: torch.nn.Module, device: torch.device, context, n: int = 5, new: int = 300) -> bool:
-    """Greedy and sampled bytes with CUDA graphs equal those of the eager decoding loop."""
+def graphs_match_eager(
+    model: torch.nn.Module, device: torch.device, context, compile: bool, n: int = 5, new: int = 300
+) -> bool:
+    """Greedy and sampled bytes with CUDA graphs equal those of the decoding loop without them."""
     prompt = torch.randint(0, 256, (2, n), device=device, generator=torch.Generator(device).manual_seed(1))
     same = True
     for temperature in (0.0, 1.0):
         with context():
             runs = [
-                model.generate(prompt, new, temperature, generator=torch.Generator(device).manual_seed(2), cuda_graphs=g)
+                model.generate(
+                    prompt, new, temperature, generator=torch.Generator(device).manual_seed(2), cuda_graphs=g, compile=compile
+                )
                 for g in (False, True)
             ]
         same &= torch.equal(*runs)
@@ -34,26 +39,41 @@ def graphs_match_eager(model: torch.nn.Module, device: torch.device, context, n:
 
 
 def measure(
-    config: str, overrides: list[str], batch_sizes: list[int], new_bytes: int, prompt_bytes: int, cuda_graphs: bool | None = None
+    config: str,
+    overrides: list[str],
+    batch_sizes: list[int],
+    new_bytes: int,
+    prompt_bytes: int,
+    cuda_graphs: bool | None = None,
+    compile: bool = False,
+    weights_dtype: str | None = None,
 ) -> list[dict[str, Any]]:
+    """``weights_dtype`` (e.g. "bfloat16"): cast the model and generate without autocast."""
     cli = main([f"--config={config}", *overrides, "--trainer.logger=false"], run=False)
     model = cli.model.model
     device = cli.trainer.strategy.root_device
     model.to(device)
     context = cli.trainer.precision_plugin.forward_context
-    check = graphs_match_eager(model, device, context) if device.type == "cuda" and cuda_graphs is not False else None
+    if weights_dtype is not None:
+        model.to(getattr(torch, weights_dtype))
+        context = contextlib.nullcontext
+    check = None
+    if device.type == "cuda" and cuda_graphs is not False:
+        check = graphs_match_eager(model, device, context, compile)
     results = []
     for batch in batch_sizes:
         generator = torch.Generator(device=device).manual_seed(0)
         prompt = torch.randint(0, 256, (batch, prompt_bytes), device=device, generator=generator)
         with context():
-            model.generate(prompt, min(new_bytes, 64), generator=generator, cuda_graphs=cuda_graphs)  # warm-up
+            # Compiled steps are compiled for the shapes of a call: warm up with the same ones.
+            warmup = new_bytes if compile else min(new_bytes, 64)
+            model.generate(prompt, warmup, generator=generator, cuda_graphs=cuda_graphs, compile=compile)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
         start = time.perf_counter()
         with context():
-            model.generate(prompt, new_bytes, generator=generator, cuda_graphs=cuda_graphs)
+            model.generate(prompt, new_bytes, generator=generator, cuda_graphs=cuda_graphs, compile=compile)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - start
@@ -61,7 +81,7 @@ def measure(
             "config": config, "overrides": overrides, "model": type(model).__name__,
             "parameters": sum(p.numel() for p in model.parameters()),
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "precision": str(cli.trainer.precision), "batch": batch, "prompt_bytes": prompt_bytes,
+            "precision": weights_dtype or str(cli.trainer.precision), "compile": compile, "batch": batch, "prompt_bytes": prompt_bytes,
             "new_bytes": new_bytes, "seconds": seconds, "bytes_per_sec_per_sequence": new_bytes / seconds,
             "bytes_per_sec": batch * new_bytes / seconds,
             "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
@@ -72,15 +92,16 @@ def measure(
 
 
 HEADER = (
-    "| model | config | batch | new bytes | seconds | bytes/s per sequence | bytes/s in all | peak GiB | CUDA graphs (= eager) |\n"
-    "|---|---|---|---|---|---|---|---|---|"
+    "| model | config | precision | compiled | batch | new bytes | seconds | bytes/s per sequence | bytes/s in all "
+    "| peak GiB | CUDA graphs (= without) |\n|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
 def table_row(r: dict[str, Any]) -> str:
     memory = f"{r['peak_memory_gib']:.2f}" if r["peak_memory_gib"] is not None else "-"
     return (
-        f"| {r['model']} | {Path(r['config']).name} {' '.join(r['overrides'])} | {r['batch']} | {r['new_bytes']} "
+        f"| {r['model']} | {Path(r['config']).name} {' '.join(r['overrides'])} | {r['precision']} | {r['compile']} "
+        f"| {r['batch']} | {r['new_bytes']} "
         f"| {r['seconds']:.2f} | {r['bytes_per_sec_per_sequence']:,.0f} | {r['bytes_per_sec']:,.0f} | {memory} "
         f"| {r['cuda_graphs']} ({r['graphs_match_eager']}) |"
     )
@@ -93,10 +114,14 @@ def cli_main() -> None:
     parser.add_argument("--new_bytes", type=int, default=8192)
     parser.add_argument("--prompt_bytes", type=int, default=0)
     parser.add_argument("--cuda_graphs", choices=["auto", "true", "false"], default="auto")
+    parser.add_argument("--compile", action="store_true", help="compile each kind of decoding step")
+    parser.add_argument("--weights_dtype", help="cast the model (e.g. bfloat16) and generate without autocast")
     parser.add_argument("--json", help="append each result as one JSON line to this file")
     args, overrides = parser.parse_known_args()
     graphs = {"auto": None, "true": True, "false": False}[args.cuda_graphs]
-    results = measure(args.config, overrides, args.batch_sizes, args.new_bytes, args.prompt_bytes, graphs)
+    results = measure(
+        args.config, overrides, args.batch_sizes, args.new_bytes, args.prompt_bytes, graphs, args.compile, args.weights_dtype
+    )
     if args.json:
         with open(args.json, "a") as f:
             f.writelines(json.dumps(r) + "\n" for r in results)

@@ -12,10 +12,12 @@ from torch.profiler import ProfilerActivity, profile
 
 from cli import main
 from megabyte.flops import training_flops_per_byte
+from megabyte import model as model_module
 from megabyte.lm import bits_per_byte, build_model, parameter_groups
 
 
 def step_fn(model, optimizer, x):
+    torch.compiler.cudagraph_mark_step_begin()
     with torch.autocast("cuda", dtype=torch.bfloat16):
         logits = model(x)
     loss = bits_per_byte(logits, x).mean()
@@ -26,12 +28,32 @@ def step_fn(model, optimizer, x):
     return loss
 
 
-def run(config: str, overrides: list[str], steps: int, compile: bool, trace: str | None) -> None:
+KINDS = {  # CUDA kernel name fragments -> what they do (first match wins)
+    "attention": ("flash", "fmha", "attention", "cudnn"),
+    "matmul": ("gemm", "nvjet", "cutlass", "sm90_xmma", "splitk"),
+    "optimizer": ("adam", "multi_tensor", "foreach", "norm_kernel"),
+    "triton (fused pointwise, norms)": ("triton",),
+}
+
+
+def time_by_kind(prof, steps: int) -> dict[str, float]:
+    """ms per step of the profiled CUDA kernels, grouped by ``KINDS`` (the rest: "other")."""
+    totals: dict[str, float] = {}
+    for event in prof.key_averages():
+        if event.device_type != torch.autograd.DeviceType.CUDA or event.self_device_time_total <= 0:
+            continue
+        name = event.key.lower()
+        kind = next((k for k, fragments in KINDS.items() if any(f in name for f in fragments)), "other")
+        totals[kind] = totals.get(kind, 0.0) + event.self_device_time_total / 1e3 / steps
+    return totals
+
+
+def run(config: str, overrides: list[str], steps: int, compile: bool, trace: str | None, mode: str | None) -> None:
     cli = main([f"--config={config}", *overrides, "--trainer.logger=false"], run=False)
     torch.manual_seed(0)
     model = build_model(cli.model.config).cuda()
     if compile:
-        model.compile(fullgraph=True, dynamic=False)
+        model.compile(fullgraph=True, dynamic=False, mode=mode)
     optimizer = torch.optim.AdamW(parameter_groups(model, 0.1), lr=1e-4, fused=True)
     B, T = cli.datamodule.batch_size, cli.datamodule.seq_len
     x = torch.randint(0, 256, (B, T), device="cuda")
@@ -44,13 +66,17 @@ def run(config: str, overrides: list[str], steps: int, compile: bool, trace: str
     torch.cuda.synchronize()
     seconds = (time.perf_counter() - start) / steps
     fpb = training_flops_per_byte(cli.model.config, T)
-    print(f"compile={compile}: {seconds * 1e3:.1f} ms/step, {B * T / seconds:,.0f} bytes/s, "
+    print(f"compile={compile} mode={mode}: {seconds * 1e3:.1f} ms/step, {B * T / seconds:,.0f} bytes/s, "
           f"MFU {B * T / seconds * fpb / 989.4e12:.1%}, peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(3):
             step_fn(model, optimizer, x)
         torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=90))
+    kinds = time_by_kind(prof, 3)
+    print(f"compile={compile}: GPU ms per step by kind: "
+          + ", ".join(f"{k} {v:.2f}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1]))
+          + f"; all {sum(kinds.values()):.2f}")
     if trace:
         prof.export_chrome_trace(f"{trace}/trace_compile{int(compile)}.json")
 
@@ -61,7 +87,11 @@ if __name__ == "__main__":
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--trace")
     parser.add_argument("--eager", action="store_true", help="also profile the eager model")
+    parser.add_argument("--mode", help="torch.compile mode, e.g. reduce-overhead")
+    parser.add_argument("--no_packing", action="store_true", help="attend each short sequence alone (written out)")
     args, overrides = parser.parse_known_args()
+    if args.no_packing:
+        model_module.packs_short_sequences = lambda device: False
     if args.eager:
-        run(args.config, overrides, args.steps, False, args.trace)
-    run(args.config, overrides, args.steps, True, args.trace)
+        run(args.config, overrides, args.steps, False, args.trace, None)
+    run(args.config, overrides, args.steps, True, args.trace, args.mode)

@@ -21,6 +21,7 @@ import torch
 
 from callbacks.throughput import peak_flops
 from cli import main
+from megabyte import model as model_module
 from megabyte.flops import training_flops_per_byte
 
 
@@ -38,9 +39,7 @@ class SpeedProbe(L.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
         if batch_idx == self.warmup:
-            self._sync(pl_module)
-            if pl_module.device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(pl_module.device)
+            self._sync(pl_module)  # peak memory covers the warm-up too: CUDA graphs allocate when captured
             self.start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
@@ -99,7 +98,8 @@ def table_row(r: dict[str, Any]) -> str:
     mfu = f"{100 * r['mfu']:.1f} %" if r["mfu"] is not None else "-"
     memory = f"{r['peak_memory_gib']:.1f}" if r["peak_memory_gib"] is not None else "-"
     return (
-        f"| {r['model']} | {Path(r['config']).name} {' '.join(r['overrides'])} | {r['bytes_per_sec']:,.0f} | {mfu} "
+        f"| {r['model']} | {Path(r['config']).name} {' '.join(r['overrides'])}{'' if r.get('packing', True) else ' (no packing)'} "
+        f"| {r['bytes_per_sec']:,.0f} | {mfu} "
         f"| {r['flops_per_byte'] / 1e6:,.1f} M | {memory} | {r['batch']} | {r['seq_len']} | {r['compile']} |"
     )
 
@@ -113,8 +113,12 @@ def cli_main() -> None:
     parser.add_argument("--warmup", type=int, default=10, help="untimed batches first")
     parser.add_argument("--steps", type=int, default=30, help="timed batches")
     parser.add_argument("--json", help="append the result as one JSON line to this file")
+    parser.add_argument("--no_packing", action="store_true", help="attend each short sequence alone (written out)")
     args, overrides = parser.parse_known_args()
+    if args.no_packing:  # the local model's attention before packing, for before/after rows
+        model_module.packs_short_sequences = lambda device: False
     result = measure(args.config, overrides, args.warmup, args.steps)
+    result["packing"] = not args.no_packing
     if args.json:
         with open(args.json, "a") as f:
             f.write(json.dumps(result) + "\n")
