@@ -5,8 +5,10 @@ Counts what ``torch.utils.flop_counter.FlopCounterMode`` counts on a GPU over on
 costs twice the forward) and the attention score / value products at their full square size
 (causal masking is not subtracted). Flash attention's backward recomputes the scores, so the
 attention products cost 3.5x their forward in a training step, the linear layers 3x. Sequences of
-at most ``SHORT_SEQUENCE`` positions (the local model's patches) use written-out attention: 3x.
-Embedding lookups, norms and activations are not counted.
+at most ``SHORT_SEQUENCE`` positions (the local model's patches) count as written-out attention
+(3x), the model's work: on a GPU they are packed into longer sequences under a block-diagonal mask,
+whose kernel also multiplies the masked-out blocks; that extra arithmetic is not counted (it is
+under 3 % of config M's FLOPs). Embedding lookups, norms and activations are not counted.
 """
 
 from dataclasses import dataclass

@@ -93,7 +93,7 @@ class MegaByteLM(L.LightningModule):
         schedule: Literal["linear", "cosine", "constant"] = "linear",
         min_lr_ratio: float = 0.0,
         compile: bool | None = None,
-        compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default",
+        compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "reduce-overhead",
         skip_nonfinite: bool = False,
     ) -> None:
         """
@@ -108,8 +108,9 @@ class MegaByteLM(L.LightningModule):
             min_lr_ratio: Final learning rate as a fraction of ``lr``.
             compile: ``torch.compile`` the model (one graph, no breaks) for training and evaluation;
                 None compiles on a GPU and not on the CPU.
-            compile_mode: ``torch.compile``'s mode. "reduce-overhead" replays each step's forward and
-                backward as CUDA graphs (no kernel launches from the host).
+            compile_mode: ``torch.compile``'s mode. "reduce-overhead" replays the forward and backward
+                passes as CUDA graphs: a step launches a few graphs instead of about a thousand kernels
+                (config M on an H100: 1.78 M bytes/s against 1.35 M with "default").
             skip_nonfinite: Skip a training step whose loss is NaN or infinite (no update; a warning
                 names it) instead of stopping (the FaultTolerance callback). Reads the loss on the
                 host every step: a synchronisation with the GPU.
