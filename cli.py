@@ -135,7 +135,7 @@ class MegaByteCLI(LightningCLI):
             top_p: Sample from the smallest set of bytes whose probability reaches top_p.
             seed: Seed of the sampling.
             compile: Compile the decoding steps (``torch.compile``): about a minute at the start,
-                then about 1.7x the bytes/s on a GPU; pays for long samples.
+                then about 1.5x the bytes/s on a GPU; pays for long samples.
         """
         checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         model.load_state_dict(checkpoint["state_dict"])

@@ -22,46 +22,60 @@ VOCAB_SIZE = 256  # one token per byte value
 
 
 class KVCache:
-    """The keys and values one attention layer has seen, for decoding a few positions at a time.
+    """The keys and values a Transformer stack has seen, for decoding a few positions at a time.
 
-    Buffers (N, nh, max_len, hs) are allocated on the first ``append`` (the prefill) with the dtype
-    and device of the keys; it writes positions 0..L-1, which attend causally among themselves.
-    ``length`` (a 0-dim device tensor) counts the filled positions: later appends write at
-    ``length`` and attend over the whole buffers through a mask of the filled positions, without
-    reading ``length`` on the host, so a decoding step can be captured once as a CUDA graph (or
-    compiled) and replayed.
+    One cache serves every block of a stack. The first forward through it (the prefill) allocates
+    each block's buffers (N, nh, max_len, hs) with the dtype and device of its keys and writes
+    positions 0..L-1, which attend causally among themselves. ``length`` (a 0-dim device tensor)
+    counts the filled positions; later forwards write at ``length`` and attend over the whole
+    buffers through an additive bias that hides the unfilled positions. Where to write and the
+    bias are computed once per forward, by its first block, for all the blocks; ``length`` is
+    never read on the host, so a decoding step can be captured once as a CUDA graph (or compiled)
+    and replayed.
     """
 
-    def __init__(self, max_len: int) -> None:
+    def __init__(self, n_layers: int, max_len: int) -> None:
         self.max_len = max_len
-        self.k: torch.Tensor | None = None
-        self.v: torch.Tensor | None = None
+        self.k: list[torch.Tensor | None] = [None] * n_layers
+        self.v: list[torch.Tensor | None] = [None] * n_layers
         self.length: torch.Tensor | None = None
+        self.positions: torch.Tensor | None = None  # (L,) the positions the current forward writes
+        self.bias: torch.Tensor | None = None  # (L, max_len) 0 where a new position sees a key, else -inf
 
     def reset(self) -> None:
         """Forget every position (the buffers stay)."""
         if self.length is not None:
             self.length.zero_()
 
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """k, v: (N, nh, L, hs) of the next L positions -> (keys, values, mask) to attend over:
-        on the first append the new ones alone and mask None (causal), later the whole buffers
-        (N, nh, max_len, hs) and a bool mask (L, max_len) of the positions each new one sees."""
+    def append(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """k, v: (N, nh, L, hs), block ``layer``'s keys and values of the next L positions ->
+        (keys, values, bias) to attend over: in the first forward the new ones alone and bias None
+        (causal), later the block's whole buffers (N, nh, max_len, hs) and the bias (L, max_len)."""
         L = k.shape[2]
-        if self.k is None:
+        if self.length is None:
             if L > self.max_len:
                 raise ValueError(f"KVCache holds {self.max_len} positions; cannot add {L}")
-            self.k = k.new_zeros(*k.shape[:2], self.max_len, k.shape[3])
-            self.v = v.new_zeros(*v.shape[:2], self.max_len, v.shape[3])
-            self.k[:, :, :L], self.v[:, :, :L] = k, v
-            self.length = torch.tensor(L, device=k.device)
+            self.k[layer] = k.new_zeros(*k.shape[:2], self.max_len, k.shape[3])
+            self.v[layer] = v.new_zeros(*v.shape[:2], self.max_len, v.shape[3])
+            self.k[layer][:, :, :L], self.v[layer][:, :, :L] = k, v
             return k, v, None
-        positions = self.length + torch.arange(L, device=k.device)  # (L,)
-        self.k[:, :, positions] = k  # in place, also under torch.compile
-        self.v[:, :, positions] = v
-        self.length.add_(L)
-        mask = torch.arange(self.max_len, device=k.device) <= positions[:, None]  # (L, max_len)
-        return self.k, self.v, mask
+        if self.positions is None:  # the first block of this forward
+            self.positions = self.length + torch.arange(L, device=k.device)  # (L,)
+            visible = torch.arange(self.max_len, device=k.device) <= self.positions[:, None]  # (L, max_len)
+            self.bias = torch.zeros(visible.shape, dtype=k.dtype, device=k.device).masked_fill(~visible, float("-inf"))
+        self.k[layer][:, :, self.positions] = k  # in place, also under torch.compile
+        self.v[layer][:, :, self.positions] = v
+        return self.k[layer], self.v[layer], self.bias
+
+    def advance(self, L: int, device: torch.device) -> None:
+        """After every block appended L positions: count them."""
+        if self.length is None:
+            self.length = torch.tensor(L, device=device)
+        else:
+            self.length.add_(L)
+        self.positions = self.bias = None
 
 
 # Up to this length (the local model's P), fused attention kernels, which tile queries and keys by 64
@@ -114,8 +128,9 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(d_model, d_model)
         self.resid_dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """x: (N, L, d) -> (N, L, d). With a ``cache``, x holds the L positions after the cached ones."""
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        """x: (N, L, d) -> (N, L, d). With a ``cache``, x holds the L positions after the cached ones
+        and this is block ``layer`` of the cache's stack."""
         N, L, d = x.shape
         dropout = self.dropout if self.training else 0.0
         mask = None
@@ -128,10 +143,10 @@ class CausalSelfAttention(nn.Module):
         # (n, l, d) -> (n, nh, l, hs)
         q, k, v = (t.view(n, l, self.n_heads, d // self.n_heads).transpose(1, 2) for t in (q, k, v))
         if cache is not None:
-            k, v, mask = cache.append(k, v)  # (n, nh, S, hs), mask None (causal) or (l, S)
+            k, v, mask = cache.append(layer, k, v)  # (n, nh, S, hs), mask None (causal) or a bias (l, S)
         if mask is None:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)  # (n, nh, l, hs)
-        elif packs_short_sequences(x.device):  # one fused kernel
+        elif cache is not None or packs_short_sequences(x.device):  # one fused kernel
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)  # (n, nh, l, hs)
         else:
             y = written_out_attention(q, k, v, mask, dropout)  # (n, nh, l, hs)
@@ -162,8 +177,8 @@ class Block(nn.Module):
         self.mlp_norm = nn.LayerNorm(d_model)
         self.mlp = FeedForward(d_model, d_hidden, dropout)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cache)
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cache, layer)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -178,18 +193,20 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(d_model, n_heads, d_hidden, dropout) for _ in range(n_layers))
         self.norm = nn.LayerNorm(d_model)
 
-    def forward(self, x: torch.Tensor, caches: list[KVCache] | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """x: (N, L, d_model) -> (N, L, d_model), position l attends to positions <= l.
 
-        With ``caches`` (one per block, from ``new_caches``), x continues the cached positions.
+        With a ``cache`` (from ``new_cache``), x continues the cached positions.
         """
         for i, block in enumerate(self.blocks):
-            x = block(x, None if caches is None else caches[i])
+            x = block(x, cache, i)
+        if cache is not None:
+            cache.advance(x.shape[1], x.device)
         return self.norm(x)
 
-    def new_caches(self, max_len: int) -> list[KVCache]:
-        """Empty key/value caches for decoding up to ``max_len`` positions."""
-        return [KVCache(max_len) for _ in self.blocks]
+    def new_cache(self, max_len: int) -> KVCache:
+        """An empty key/value cache of every block, for decoding up to ``max_len`` positions."""
+        return KVCache(len(self.blocks), max_len)
 
 
 def _require(condition: bool, message: str) -> None:
@@ -476,8 +493,8 @@ class MegaByte(ByteModel):
         P = self.config.patch_size
         c, r = divmod(n, P)  # c whole patches, r bytes of the current one
         state = {
-            "global": self.global_model.new_caches(self.config.max_seq_len // P),
-            "local": self.local_model.new_caches(P),
+            "global": self.global_model.new_cache(self.config.max_seq_len // P),
+            "local": self.local_model.new_cache(P),
             "patch": prompt.new_zeros(B, P),  # (B, P) the bytes of the current patch so far
             "position": torch.tensor(n + 1, device=prompt.device),  # t of the next decode_step
         }
@@ -503,8 +520,7 @@ class MegaByte(ByteModel):
         if t % P == 0:  # a patch is complete: the global model reads it, the local model starts afresh
             h = self.embed_patches(state["patch"], state["position"] - P)  # (B, 1, d_global)
             state["context"].copy_(self._global_context(h, state))
-            for cache in state["local"]:
-                cache.reset()
+            state["local"].reset()
         prev = self.local_embedding(state["patch"].index_select(1, (p - 1) % P))  # (B, 1, d_local)
         prev = torch.where(p == 0, self.local_pad, prev)  # the local pad at patch position 0
         h = state["context"].index_select(1, p) + prev + self.local_pos_embedding(p)  # (B, 1, d_local)
@@ -544,14 +560,14 @@ class ByteTransformer(ByteModel):
 
     def prefill(self, prompt: torch.Tensor) -> tuple[torch.Tensor, dict]:
         state = {
-            "caches": self.transformer.new_caches(self.config.max_seq_len),
+            "cache": self.transformer.new_cache(self.config.max_seq_len),
             "position": torch.tensor(prompt.shape[1] + 1, device=prompt.device),  # input position of the next byte
         }
-        h = self.transformer(self.shifted_input(prompt), state["caches"])[:, -1]  # (B, d)
+        h = self.transformer(self.shifted_input(prompt), state["cache"])[:, -1]  # (B, d)
         return output_logits(h, self.embedding, self.lm_head), state
 
     def decode_step(self, byte: torch.Tensor, t: int, state: dict) -> torch.Tensor:
         h = self.embedding(byte[:, None]) + self.pos_embedding(state["position"])  # (B, 1, d)
-        h = self.transformer(h, state["caches"])[:, -1]  # (B, d)
+        h = self.transformer(h, state["cache"])[:, -1]  # (B, d)
         state["position"].add_(1)
         return output_logits(h, self.embedding, self.lm_head)

@@ -54,19 +54,19 @@ def test_cached_logits_match_the_full_forward(model, n):
             torch.testing.assert_close(logits, reference[:, t], atol=1e-5, rtol=1e-5)
 
 
-def test_transformer_fed_in_chunks_through_its_caches_equals_one_pass():
+def test_transformer_fed_in_chunks_through_its_cache_equals_one_pass():
     torch.manual_seed(0)
     transformer = Transformer(d_model=16, n_layers=2, n_heads=2, d_hidden=32, dropout=0.0).eval()
     h = torch.randn(2, 11, 16)
-    caches = transformer.new_caches(11)
+    cache = transformer.new_cache(11)
     with torch.no_grad():
-        chunks = [transformer(h[:, a:b], caches) for a, b in ((0, 3), (3, 4), (4, 9), (9, 11))]
+        chunks = [transformer(h[:, a:b], cache) for a, b in ((0, 3), (3, 4), (4, 9), (9, 11))]
     torch.testing.assert_close(torch.cat(chunks, dim=1), transformer(h), atol=1e-6, rtol=1e-5)
-    for cache in caches:
-        cache.reset()
-    torch.testing.assert_close(transformer(h[:, 4:9], caches), transformer(h[:, 4:9]), atol=1e-6, rtol=1e-5)
+    assert int(cache.length) == 11
+    cache.reset()
+    torch.testing.assert_close(transformer(h[:, 4:9], cache), transformer(h[:, 4:9]), atol=1e-6, rtol=1e-5)
     with pytest.raises(ValueError, match="KVCache holds 11 positions"):
-        transformer(torch.randn(2, 12, 16), transformer.new_caches(11))
+        transformer(torch.randn(2, 12, 16), transformer.new_cache(11))
 
 
 def test_sampling_is_reproducible_and_restricted(model):
