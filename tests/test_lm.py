@@ -140,3 +140,27 @@ def test_gradient_clipping_scales_the_total_norm_down_to_the_limit():
     assert norm().item() == pytest.approx(0.5, rel=1e-4)
     with pytest.raises(ValueError, match="only gradient_clip_algorithm 'norm'"):
         model.configure_gradient_clipping(None, gradient_clip_val=0.5, gradient_clip_algorithm="value")
+
+
+@pytest.mark.parametrize("mode, expected", [(None, "reduce-overhead"), ("default", None), ("max-autotune", "max-autotune")])
+def test_compile_mode_reaches_torch_compile(monkeypatch, tmp_path, mode, expected):
+    """compile_mode (default reduce-overhead: CUDA graphs) is the mode the model is compiled with;
+    "default" is torch.compile's own. The compiled call is replaced here: no compilation runs."""
+    calls = []
+    monkeypatch.setattr(nn.Module, "compile", lambda self, **kwargs: calls.append(kwargs))
+    lm = MegaByteLM(tiny_megabyte_config(max_seq_len=32), compile=True, **({} if mode is None else {"compile_mode": mode}))
+    lm.trainer = L.Trainer(accelerator="cpu", logger=False, default_root_dir=tmp_path)
+    lm.configure_model()
+    assert calls == [{"fullgraph": True, "dynamic": False, "mode": expected}]
+
+
+def test_training_step_logs_nothing_to_the_progress_bar(text_file, tmp_path):
+    """The progress bar's metrics are read on the host after every batch (a GPU synchronisation):
+    training logs none; val/bpb, once per validation, is there."""
+    dm = TextDataModule(str(text_file), seq_len=32, batch_size=2, num_workers=0, cache_dir=str(tmp_path / "cache"))
+    lm = MegaByteLM(tiny_megabyte_config(max_seq_len=32))
+    trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
+                        enable_model_summary=False, limit_val_batches=1, val_check_interval=2)  # fmt: skip
+    trainer.fit(lm, dm)
+    assert set(trainer.progress_bar_metrics) == {"val/bpb"}
+    assert {"train/loss", "train/bpb"} <= set(trainer.callback_metrics)
