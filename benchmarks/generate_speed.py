@@ -5,7 +5,9 @@
 Builds the model a config describes (random weights: speed does not depend on them), then for each
 batch size samples ``--new_bytes`` bytes (temperature 1) after a ``--prompt_bytes`` prompt, under the
 config's precision (bf16 autocast on the GPU for ``bf16-mixed``), and prints one table row per batch
-size: bytes/s per sequence and in all, seconds, peak memory.
+size: bytes/s per sequence and in all, seconds, peak memory. ``--compile`` compiles the decoding steps
+(compilation is in a warm-up call of the same shapes, outside the timing); ``--profile`` prints the
+GPU kernels a byte costs.
 """
 
 import argparse

@@ -2,6 +2,10 @@
 CUDA kernels that cost the most (torch.profiler). A development tool for the speed work.
 
     python benchmarks/profile_step.py --config configs/bench/config-m.yaml [--steps 20] [--trace DIR]
+        [--mode reduce-overhead] [--no_packing] [--eager]
+
+Prints ms per step, bytes/s, MFU and peak memory, the 25 costliest kernels, and the GPU time per step
+by kind of kernel (matrix products, attention, fused pointwise/norms, optimizer, other).
 """
 
 import argparse
