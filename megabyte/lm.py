@@ -175,7 +175,8 @@ class MegaByteLM(L.LightningModule):
     def _bits(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         x, mask = batch
         x = x.long()
-        if self.hparams.compile_mode in ("reduce-overhead", "max-autotune"):
+        compiled = getattr(self.model, "_compiled_call_impl", None) is not None
+        if compiled and self.hparams.compile_mode in ("reduce-overhead", "max-autotune"):  # CUDA graphs
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs are free to reuse
         return bits_per_byte(self.model(x), x), mask
 
