@@ -69,10 +69,10 @@ class KVCache:
         self.v[layer][:, :, self.positions] = v
         return self.k[layer], self.v[layer], self.bias
 
-    def advance(self, L: int, device: torch.device) -> None:
+    def advance(self, L: int) -> None:
         """After every block appended L positions: count them."""
         if self.length is None:
-            self.length = torch.tensor(L, device=device)
+            self.length = torch.tensor(L, device=self.k[0].device)
         else:
             self.length.add_(L)
         self.positions = self.bias = None
@@ -89,7 +89,7 @@ PACKED_LENGTH = 128
 def written_out_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, dropout: float = 0.0
 ) -> torch.Tensor:
-    """Softmax attention as two batched matmuls, for short sequences and single decoding steps.
+    """Softmax attention as two batched matmuls, for the short sequences on the CPU.
     q: (N, nh, L, hs), k, v: (N, nh, S, hs), mask: bool (L, S), True where a query sees a key
     -> (N, nh, L, hs)."""
     scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5  # (N, nh, L, S)
@@ -201,7 +201,7 @@ class Transformer(nn.Module):
         for i, block in enumerate(self.blocks):
             x = block(x, cache, i)
         if cache is not None:
-            cache.advance(x.shape[1], x.device)
+            cache.advance(x.shape[1])
         return self.norm(x)
 
     def new_cache(self, max_len: int) -> KVCache:
@@ -361,11 +361,8 @@ class ByteModel(nn.Module):
         raise NotImplementedError
 
     def decode_kind(self, t: int) -> int:
-        """Steps of one kind run the same device code (one CUDA graph each); 0..decode_kinds() - 1."""
+        """Steps of one kind run the same device code (one compiled function and CUDA graph each)."""
         return 0
-
-    def decode_kinds(self) -> int:
-        return 1
 
     def generate(
         self,
@@ -510,18 +507,16 @@ class MegaByte(ByteModel):
         """1 where byte t starts a patch (the global model runs first), else 0."""
         return int(t % self.config.patch_size == 0)
 
-    def decode_kinds(self) -> int:
-        return 2
-
     def decode_step(self, byte: torch.Tensor, t: int, state: dict) -> torch.Tensor:
         P = self.config.patch_size
         p = (state["position"] % P).view(1)  # (1,) position of byte t in its patch, on the device
-        state["patch"].index_copy_(1, (p - 1) % P, byte[:, None])  # byte t - 1 ends its patch when p = 0
+        p_prev = (p - 1) % P  # (1,) position of byte t - 1, the last of its patch when p = 0
+        state["patch"].index_copy_(1, p_prev, byte[:, None])
         if t % P == 0:  # a patch is complete: the global model reads it, the local model starts afresh
             h = self.embed_patches(state["patch"], state["position"] - P)  # (B, 1, d_global)
             state["context"].copy_(self._global_context(h, state))
             state["local"].reset()
-        prev = self.local_embedding(state["patch"].index_select(1, (p - 1) % P))  # (B, 1, d_local)
+        prev = self.local_embedding(state["patch"].index_select(1, p_prev))  # (B, 1, d_local)
         prev = torch.where(p == 0, self.local_pad, prev)  # the local pad at patch position 0
         h = state["context"].index_select(1, p) + prev + self.local_pos_embedding(p)  # (B, 1, d_local)
         h = self.local_model(h, state["local"])[:, -1]  # (B, d_local)
