@@ -25,8 +25,8 @@ class KVCache:
     """The keys and values a Transformer stack has seen, for decoding a few positions at a time.
 
     One cache serves every block of a stack. The first forward through it (the prefill) allocates
-    each block's buffers (N, nh, max_len, hs) with the dtype and device of its keys and writes
-    positions 0..L-1, which attend causally among themselves. ``length`` (a 0-dim device tensor)
+    each block's buffer (2, N, nh, max_len, hs), keys then values, with the dtype and device of its
+    keys and writes positions 0..L-1, which attend causally among themselves. ``length`` (a 0-dim device tensor)
     counts the filled positions; later forwards write at ``length`` and attend over the whole
     buffers through an additive bias that hides the unfilled positions. Where to write and the
     bias are computed once per forward, by its first block, for all the blocks; ``length`` is
@@ -36,8 +36,7 @@ class KVCache:
 
     def __init__(self, n_layers: int, max_len: int) -> None:
         self.max_len = max_len
-        self.k: list[torch.Tensor | None] = [None] * n_layers
-        self.v: list[torch.Tensor | None] = [None] * n_layers
+        self.kv: list[torch.Tensor | None] = [None] * n_layers  # (2, N, nh, max_len, hs) per block
         self.length: torch.Tensor | None = None
         self.positions: torch.Tensor | None = None  # (L,) the positions the current forward writes
         self.bias: torch.Tensor | None = None  # (L, max_len) 0 where a new position sees a key, else -inf
@@ -57,22 +56,21 @@ class KVCache:
         if self.length is None:
             if L > self.max_len:
                 raise ValueError(f"KVCache holds {self.max_len} positions; cannot add {L}")
-            self.k[layer] = k.new_zeros(*k.shape[:2], self.max_len, k.shape[3])
-            self.v[layer] = v.new_zeros(*v.shape[:2], self.max_len, v.shape[3])
-            self.k[layer][:, :, :L], self.v[layer][:, :, :L] = k, v
+            self.kv[layer] = k.new_zeros(2, *k.shape[:2], self.max_len, k.shape[3])
+            self.kv[layer][:, :, :, :L] = torch.stack([k, v])
             return k, v, None
         if self.positions is None:  # the first block of this forward
             self.positions = self.length + torch.arange(L, device=k.device)  # (L,)
             visible = torch.arange(self.max_len, device=k.device) <= self.positions[:, None]  # (L, max_len)
             self.bias = torch.zeros(visible.shape, dtype=k.dtype, device=k.device).masked_fill(~visible, float("-inf"))
-        self.k[layer][:, :, self.positions] = k  # in place, also under torch.compile
-        self.v[layer][:, :, self.positions] = v
-        return self.k[layer], self.v[layer], self.bias
+        # One write for keys and values (one kernel when compiled), in place also under torch.compile.
+        self.kv[layer][:, :, :, self.positions] = torch.stack([k, v])  # (2, N, nh, L, hs)
+        return self.kv[layer][0], self.kv[layer][1], self.bias
 
     def advance(self, L: int) -> None:
         """After every block appended L positions: count them."""
         if self.length is None:
-            self.length = torch.tensor(L, device=self.k[0].device)
+            self.length = torch.tensor(L, device=self.kv[0].device)
         else:
             self.length.add_(L)
         self.positions = self.bias = None
@@ -186,18 +184,26 @@ class Transformer(nn.Module):
     """A causal decoder stack: ``n_layers`` blocks and a final LayerNorm.
 
     Used for MEGABYTE's global model, its local model and the byte-level baseline.
+    ``autocast_residual``: under autocast, carry the residual stream in autocast's dtype.
     """
 
-    def __init__(self, d_model: int, n_layers: int, n_heads: int, d_hidden: int, dropout: float) -> None:
+    def __init__(
+        self, d_model: int, n_layers: int, n_heads: int, d_hidden: int, dropout: float, autocast_residual: bool = True
+    ) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(Block(d_model, n_heads, d_hidden, dropout) for _ in range(n_layers))
         self.norm = nn.LayerNorm(d_model)
+        self.autocast_residual = autocast_residual
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """x: (N, L, d_model) -> (N, L, d_model), position l attends to positions <= l.
 
         With a ``cache`` (from ``new_cache``), x continues the cached positions.
         """
+        if self.autocast_residual and torch.is_autocast_enabled(x.device.type):
+            # Every norm and residual add reads and writes the residual stream: in bf16 rather than the
+            # float32 of the embeddings, half the memory traffic (norms still compute in float32).
+            x = x.to(torch.get_autocast_dtype(x.device.type))
         for i, block in enumerate(self.blocks):
             x = block(x, cache, i)
         if cache is not None:
@@ -235,6 +241,10 @@ class ModelConfig:
     """Standard deviation of the truncated-normal init (truncated at 2 sigma); the paper's 0.006."""
     tie_embeddings: bool = True
     """Tie the output projection to the (local) byte embedding, as in the paper."""
+    autocast_residual: bool = True
+    """Under autocast (``precision: bf16-mixed``), carry the residual stream of every Transformer stack in
+    bf16: half the memory traffic of its norms and adds, which bound the local model's speed on a GPU.
+    False keeps it in float32 (the embeddings' dtype). No effect without autocast."""
 
     def _check_positive(self, *names: str) -> None:
         for name in names:
@@ -409,7 +419,8 @@ class MegaByte(ByteModel):
         self.global_pad = nn.Parameter(torch.empty(d_global))
         # 3. Causal global model over K patch positions.
         self.global_model = Transformer(
-            d_global, config.n_global_layers, config.n_global_heads, config.ffn_ratio * d_global, config.dropout
+            d_global, config.n_global_layers, config.n_global_heads, config.ffn_ratio * d_global, config.dropout,
+            config.autocast_residual,
         )
         # 4. Shared projection w_GL of each D_G chunk of a global output to the local width.
         self.global_to_local = nn.Linear(D_G, d_local)
@@ -419,7 +430,8 @@ class MegaByte(ByteModel):
         self.local_pos_embedding = nn.Embedding(P, d_local)
         # 6. Causal local model, run on every patch independently.
         self.local_model = Transformer(
-            d_local, config.n_local_layers, config.n_local_heads, config.ffn_ratio * d_local, config.dropout
+            d_local, config.n_local_layers, config.n_local_heads, config.ffn_ratio * d_local, config.dropout,
+            config.autocast_residual,
         )
         # 7. Output projection, tied to E_local unless configured otherwise.
         self.lm_head = None if config.tie_embeddings else nn.Linear(d_local, VOCAB_SIZE, bias=False)
@@ -537,7 +549,9 @@ class ByteTransformer(ByteModel):
         self.embedding = nn.Embedding(VOCAB_SIZE, d)
         self.pos_embedding = nn.Embedding(config.max_seq_len, d)
         self.start = nn.Parameter(torch.empty(d))
-        self.transformer = Transformer(d, config.n_layers, config.n_heads, config.ffn_ratio * d, config.dropout)
+        self.transformer = Transformer(
+            d, config.n_layers, config.n_heads, config.ffn_ratio * d, config.dropout, config.autocast_residual
+        )
         self.lm_head = None if config.tie_embeddings else nn.Linear(d, VOCAB_SIZE, bias=False)
         init_weights(self, config.init_std)
 

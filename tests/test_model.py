@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from megabyte import ByteTransformer, ByteTransformerConfig, MegaByte, MegaByteConfig
+from megabyte.model import Block
 from megabyte.lm import bits_per_byte
 from tests.conftest import tiny_megabyte_config, tiny_transformer_config
 
@@ -187,3 +188,31 @@ def test_packed_short_sequences_equal_separate_ones(monkeypatch, N):
         [1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0],
         [0, 0, 0, 1, 0, 0], [0, 0, 0, 1, 1, 0], [0, 0, 0, 1, 1, 1],
     ]  # fmt: skip
+
+
+@pytest.mark.parametrize("arch", ["megabyte", "transformer"])
+@pytest.mark.parametrize("autocast_residual", [True, False])
+def test_residual_stream_dtype_under_autocast(arch, autocast_residual):
+    """Under bf16 autocast every block reads and returns a bf16 residual stream by default, float32 with
+    autocast_residual false; the logits agree to bf16 precision, and the model still compiles to one graph."""
+    import torch._dynamo
+
+    torch.manual_seed(0)
+    make = {"megabyte": lambda: MegaByte(tiny_megabyte_config(autocast_residual=autocast_residual)),
+            "transformer": lambda: ByteTransformer(tiny_transformer_config(autocast_residual=autocast_residual))}
+    model = make[arch]().eval()
+    dtypes = []
+    for block in (m for m in model.modules() if isinstance(m, Block)):
+        block.register_forward_hook(lambda module, args, out: dtypes.append((args[0].dtype, out.dtype)))
+    x = torch.randint(0, 256, (2, 24))
+    reference = model(x)
+    assert {d for pair in dtypes for d in pair} == {torch.float32}  # no autocast: float32 throughout
+    dtypes.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(x)
+        torch._dynamo.reset()
+        explanation = torch._dynamo.explain(model)(x)
+    expected = torch.bfloat16 if autocast_residual else torch.float32
+    assert dtypes and {d for pair in dtypes for d in pair} == {expected}
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+    torch.testing.assert_close(logits.float(), reference, atol=0.05, rtol=0.05)
