@@ -13,8 +13,39 @@ import functools
 from collections.abc import Callable
 
 import torch
+from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
 from megabyte.model import VOCAB_SIZE
+
+
+class FuseReluIntoAddmm(CustomGraphPass):
+    """An inductor pass for compiled decoding steps: relu(x @ W.T + b) becomes one matrix product whose
+    epilogue adds the bias and applies the ReLU (cuBLASLt's ``_addmm_activation``). Inductor would
+    otherwise add the bias and apply the ReLU in a kernel of its own: at batch 1 every kernel costs a
+    few microseconds whatever its size. (It has no backward, so it serves decoding only.)"""
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        aten = torch.ops.aten
+        for relu in list(graph.find_nodes(op="call_function", target=aten.relu.default)):
+            view, addmm = None, relu.args[0]
+            if addmm.target in (aten.view.default, aten.reshape.default) and len(addmm.users) == 1:
+                view, addmm = addmm, addmm.args[0]  # (N*L, d) -> (N, L, d)
+            if addmm.target != aten.addmm.default or len(addmm.users) != 1 or addmm.kwargs:
+                continue
+            with graph.inserting_before(relu):
+                fused = graph.call_function(aten._addmm_activation.default, addmm.args)
+                fused.meta["val"] = addmm.meta["val"]
+                out = fused
+                if view is not None:
+                    out = graph.call_function(view.target, (fused, *view.args[1:]))
+                    out.meta["val"] = view.meta["val"]
+            relu.replace_all_uses_with(out)
+            for node in (relu, view, addmm):
+                if node is not None:
+                    graph.erase_node(node)
+
+    def uuid(self) -> bytes:
+        return get_hash_for_files((__file__,))
 
 
 def sample_next_byte(
@@ -58,6 +89,47 @@ def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -
         raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
 
 
+def generation_step(
+    model: torch.nn.Module,
+    state: dict,
+    kind: int,
+    logits: torch.Tensor,
+    x: torch.Tensor,
+    noise: torch.Tensor | None,
+    drawn: torch.Tensor,
+    written: torch.Tensor,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+) -> None:
+    """One step of ``generate``, all on the device: sample a byte from ``logits`` (B, 256) with noise row
+    ``drawn``, write it at ``written`` in x (B, total), count both, then put the next byte's logits into
+    ``logits`` (a step of ``kind``)."""
+    step_noise = None if noise is None else noise.index_select(0, drawn).squeeze(0)  # (B, 256)
+    byte = sample_next_byte(logits, temperature, top_k, top_p, noise=step_noise)  # (B,)
+    x.index_copy_(1, written.view(1), byte[:, None])
+    drawn.add_(1)
+    written.add_(1)
+    logits.copy_(model.decode_step(byte, kind, state))
+
+
+@functools.cache
+def compiled_generation_step() -> Callable[..., None]:
+    """``generation_step`` through torch.compile, made once per process: its compilations (one per kind of
+    step, batch size and sampling setting) are reused by every later ``generate(compile=True)``."""
+    compiled = torch.compile(
+        generation_step, fullgraph=True, dynamic=False, options={"post_grad_custom_pre_pass": FuseReluIntoAddmm()}
+    )
+
+    def step(*args) -> None:
+        # Compilations add up over models, kinds, batch sizes and sampling settings: more than dynamo's
+        # default of 8, after which it would silently run the step uncompiled.
+        with torch._dynamo.config.patch(recompile_limit=64):
+            compiled(*args)
+
+    return step
+
+
 @torch.no_grad()
 def generate(
     model: torch.nn.Module,
@@ -97,20 +169,17 @@ def generate(
     noise = None  # uniform noise of every sampled byte, drawn up front (B, 256) per step
     if temperature > 0:
         noise = torch.rand(max_new_bytes, B, VOCAB_SIZE, generator=generator, device=device)
+    step_fn = compiled_generation_step() if compile else generation_step
+    if compile:  # one compilation serves every length of prompt and of generation
+        torch._dynamo.maybe_mark_dynamic(x, 1)
+        if noise is not None:
+            torch._dynamo.maybe_mark_dynamic(noise, 0)
     was_training = model.training
     model.eval()
     try:
         logits, state = model.prefill(prompt)  # logits (B, 256) of byte n
-        step = torch.zeros((), dtype=torch.long, device=device)  # bytes sampled so far
-
-        def advance(t: int) -> None:
-            """Sample byte t into x, then put the logits of byte t + 1 into ``logits``."""
-            step_noise = None if noise is None else noise.index_select(0, step).squeeze(0)
-            byte = sample_next_byte(logits, temperature, top_k, top_p, noise=step_noise)  # (B,)
-            x.index_copy_(1, step.view(1) + n, byte[:, None])
-            step.add_(1)
-            logits.copy_(model.decode_step(byte, t + 1, state))
-
+        drawn = torch.zeros((), dtype=torch.long, device=device)  # bytes sampled so far
+        written = torch.tensor(n, device=device)  # where the next sampled byte goes in x
         # Steps of one kind run the same device code whatever t is: one function (compiled or not)
         # and one CUDA graph per kind, made after the kind ran eagerly (which also compiles it and
         # initialises the kernels a capture needs).
@@ -120,9 +189,9 @@ def generate(
         for t in range(n, total - 1):
             kind = model.decode_kind(t + 1)
             if kind not in steps:
-                steps[kind] = functools.partial(advance, t)
-                if compile:
-                    steps[kind] = torch.compile(steps[kind], fullgraph=True, dynamic=False)
+                steps[kind] = functools.partial(
+                    step_fn, model, state, kind, logits, x, noise, drawn, written, temperature, top_k, top_p
+                )
             runs[kind] = runs.get(kind, 0) + 1
             if not use_graphs or runs[kind] <= (2 if compile else 1):
                 steps[kind]()

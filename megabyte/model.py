@@ -365,13 +365,14 @@ class ByteModel(nn.Module):
         """prompt LongTensor (B, n), 0 <= n < max_seq_len -> (logits (B, 256) of byte n, decoding state)."""
         raise NotImplementedError
 
-    def decode_step(self, byte: torch.Tensor, t: int, state: dict) -> torch.Tensor:
+    def decode_step(self, byte: torch.Tensor, kind: int, state: dict) -> torch.Tensor:
         """byte: LongTensor (B,), the byte chosen at position t - 1 -> logits (B, 256) of byte t.
-        Positions live in ``state`` on the device; ``t`` only selects the kind of step."""
+        Positions live in ``state`` on the device; ``kind`` is ``decode_kind(t)``."""
         raise NotImplementedError
 
     def decode_kind(self, t: int) -> int:
-        """Steps of one kind run the same device code (one compiled function and CUDA graph each)."""
+        """The kind of the step that decodes byte t: steps of one kind run the same device code (one
+        compilation and CUDA graph each)."""
         return 0
 
     def generate(
@@ -391,8 +392,8 @@ class ByteModel(nn.Module):
         temperature: 0 is greedy decoding; top_k / top_p restrict sampling.
         generator: the random generator of the sampling, for reproducible samples.
         cuda_graphs: replay each decoding step as a CUDA graph; None: on a GPU.
-        compile: fuse each kind of decoding step with ``torch.compile`` (compiled at every call: pays
-            for long generations).
+        compile: fuse each kind of decoding step with ``torch.compile`` (about a minute, once per
+            process, kind of step, batch size and sampling setting: pays for long or repeated generations).
         Under autocast (e.g. Lightning's bf16-mixed), a copy of the model in autocast's dtype decodes.
         Returns LongTensor (B, n + max_new_bytes): the prompt followed by the new bytes.
         The model runs in eval mode (no dropout) and is put back in its previous mode.
@@ -519,12 +520,12 @@ class MegaByte(ByteModel):
         """1 where byte t starts a patch (the global model runs first), else 0."""
         return int(t % self.config.patch_size == 0)
 
-    def decode_step(self, byte: torch.Tensor, t: int, state: dict) -> torch.Tensor:
+    def decode_step(self, byte: torch.Tensor, kind: int, state: dict) -> torch.Tensor:
         P = self.config.patch_size
         p = (state["position"] % P).view(1)  # (1,) position of byte t in its patch, on the device
         p_prev = (p - 1) % P  # (1,) position of byte t - 1, the last of its patch when p = 0
         state["patch"].index_copy_(1, p_prev, byte[:, None])
-        if t % P == 0:  # a patch is complete: the global model reads it, the local model starts afresh
+        if kind == 1:  # a patch is complete: the global model reads it, the local model starts afresh
             h = self.embed_patches(state["patch"], state["position"] - P)  # (B, 1, d_global)
             state["context"].copy_(self._global_context(h, state))
             state["local"].reset()
@@ -575,7 +576,7 @@ class ByteTransformer(ByteModel):
         h = self.transformer(self.shifted_input(prompt), state["cache"])[:, -1]  # (B, d)
         return output_logits(h, self.embedding, self.lm_head), state
 
-    def decode_step(self, byte: torch.Tensor, t: int, state: dict) -> torch.Tensor:
+    def decode_step(self, byte: torch.Tensor, kind: int, state: dict) -> torch.Tensor:
         h = self.embedding(byte[:, None]) + self.pos_embedding(state["position"])  # (B, 1, d)
         h = self.transformer(h, state["cache"])[:, -1]  # (B, d)
         state["position"].add_(1)

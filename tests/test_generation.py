@@ -1,10 +1,12 @@
 """Key/value-cached generation gives what a full forward recomputation gives, for both architectures."""
 
+import copy
+
 import pytest
 import torch
 
 from megabyte import ByteTransformer, MegaByte
-from megabyte.generation import sample_next_byte
+from megabyte.generation import FuseReluIntoAddmm, sample_next_byte
 from megabyte.model import Transformer
 from tests.conftest import tiny_megabyte_config, tiny_transformer_config
 
@@ -50,7 +52,7 @@ def test_cached_logits_match_the_full_forward(model, n):
         logits, state = model.prefill(x[:, :n])
         torch.testing.assert_close(logits, reference[:, n], atol=1e-5, rtol=1e-5)
         for t in range(n + 1, 40):
-            logits = model.decode_step(x[:, t - 1], t, state)
+            logits = model.decode_step(x[:, t - 1], model.decode_kind(t), state)
             torch.testing.assert_close(logits, reference[:, t], atol=1e-5, rtol=1e-5)
 
 
@@ -123,6 +125,33 @@ def test_compiled_decoding_steps_give_the_same_bytes(model):
     assert torch.equal(model.generate(prompt, 30, temperature=0, compile=True), greedy)
     sampled = model.generate(prompt, 30, generator=torch.Generator().manual_seed(4))
     assert torch.equal(model.generate(prompt, 30, generator=torch.Generator().manual_seed(4), compile=True), sampled)
+    # The compilations serve every later call of the same batch size and sampling: other lengths of
+    # prompt and of generation, another copy of the model, compile nothing new.
+    from torch._dynamo.utils import counters
+
+    compiled = counters["stats"]["unique_graphs"]
+    prompt = prompt[:, :3]
+    again = copy.deepcopy(model).generate(prompt, 41, generator=torch.Generator().manual_seed(5), compile=True)
+    assert counters["stats"]["unique_graphs"] == compiled
+    assert torch.equal(again, model.generate(prompt, 41, generator=torch.Generator().manual_seed(5)))
+
+
+def test_relu_of_a_matrix_product_becomes_one_fused_product():
+    """The inductor pass of compiled decoding: relu(x @ W.T + b) -> _addmm_activation (bias and ReLU in
+    the product's epilogue), for 2-D and 3-D inputs, with the same values; other products stay."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 8))
+    aten = torch.ops.aten
+    for x in (torch.randn(3, 8), torch.randn(2, 3, 8)):
+        graph_module = make_fx(mlp)(x)
+        FuseReluIntoAddmm()(graph_module.graph)
+        graph_module.recompile()
+        targets = [node.target for node in graph_module.graph.nodes]
+        assert aten.relu.default not in targets and targets.count(aten._addmm_activation.default) == 1
+        assert targets.count(aten.addmm.default) == 1  # the second layer's product, no ReLU after it
+        torch.testing.assert_close(graph_module(x), mlp(x))
 
 
 def test_under_autocast_a_copy_in_its_dtype_decodes(model, monkeypatch):
