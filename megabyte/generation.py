@@ -169,8 +169,9 @@ def generate(
     noise = None  # uniform noise of every sampled byte, drawn up front (B, 256) per step
     if temperature > 0:
         noise = torch.rand(max_new_bytes, B, VOCAB_SIZE, generator=generator, device=device)
-    step_fn = compiled_generation_step() if compile else generation_step
+    step_fn = generation_step
     if compile:  # one compilation serves every length of prompt and of generation
+        step_fn = compiled_generation_step()
         torch._dynamo.maybe_mark_dynamic(x, 1)
         if noise is not None:
             torch._dynamo.maybe_mark_dynamic(noise, 0)

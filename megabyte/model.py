@@ -26,9 +26,9 @@ class KVCache:
 
     One cache serves every block of a stack. The first forward through it (the prefill) allocates
     each block's buffer (2, N, nh, max_len, hs), keys then values, with the dtype and device of its
-    keys and writes positions 0..L-1, which attend causally among themselves. ``length`` (a 0-dim device tensor)
-    counts the filled positions; later forwards write at ``length`` and attend over the whole
-    buffers through an additive bias that hides the unfilled positions. Where to write and the
+    keys and writes positions 0..L-1, which attend causally among themselves. ``length`` (a 0-dim
+    device tensor) counts the filled positions; later forwards write at ``length`` and attend over the
+    whole buffers through an additive bias that hides the unfilled positions. Where to write and the
     bias are computed once per forward, by its first block, for all the blocks; ``length`` is
     never read on the host, so a decoding step can be captured once as a CUDA graph (or compiled)
     and replayed.

@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from megabyte import ByteTransformer, ByteTransformerConfig, MegaByte, MegaByteConfig
-from megabyte.model import Block
 from megabyte.lm import bits_per_byte
+from megabyte.model import Block
 from tests.conftest import tiny_megabyte_config, tiny_transformer_config
 
 P = 4  # patch size of the tiny MegaByte
