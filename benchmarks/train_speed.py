@@ -94,11 +94,26 @@ def measure(config: str, overrides: list[str], warmup: int = 10, steps: int = 30
     }
 
 
+SHORT_ATTENTION = ("kernel", "packed", "written-out")
+
+
+def use_short_attention(path: str) -> None:
+    """Which attention the local model's short sequences take on a GPU, for before/after rows: the
+    Triton kernel (the default), SDPA over packed sequences (the path with attention dropout), or
+    written-out matmuls (the CPU's path)."""
+    if path != "kernel":
+        model_module.uses_short_attention_kernel = lambda x, dropout: False
+    if path == "written-out":
+        model_module.packs_short_sequences = lambda device: False
+
+
 def table_row(r: dict[str, Any]) -> str:
     mfu = f"{100 * r['mfu']:.1f} %" if r["mfu"] is not None else "-"
     memory = f"{r['peak_memory_gib']:.1f}" if r["peak_memory_gib"] is not None else "-"
+    path = r.get("short_attention", "kernel")
+    variant = "" if path == "kernel" else f" (short attention: {path})"
     return (
-        f"| {r['model']} | {Path(r['config']).name} {' '.join(r['overrides'])}{'' if r.get('packing', True) else ' (no packing)'} "
+        f"| {r['model']} | {Path(r['config']).name} {' '.join(r['overrides'])}{variant} "
         f"| {r['bytes_per_sec']:,.0f} | {mfu} "
         f"| {r['flops_per_byte'] / 1e6:,.1f} M | {memory} | {r['batch']} | {r['seq_len']} | {r['compile']} |"
     )
@@ -113,12 +128,11 @@ def cli_main() -> None:
     parser.add_argument("--warmup", type=int, default=10, help="untimed batches first")
     parser.add_argument("--steps", type=int, default=30, help="timed batches")
     parser.add_argument("--json", help="append the result as one JSON line to this file")
-    parser.add_argument("--no_packing", action="store_true", help="attend each short sequence alone (written out)")
+    parser.add_argument("--short_attention", choices=SHORT_ATTENTION, default="kernel", help=use_short_attention.__doc__)
     args, overrides = parser.parse_known_args()
-    if args.no_packing:  # the local model's attention before packing, for before/after rows
-        model_module.packs_short_sequences = lambda device: False
+    use_short_attention(args.short_attention)
     result = measure(args.config, overrides, args.warmup, args.steps)
-    result["packing"] = not args.no_packing
+    result["short_attention"] = args.short_attention
     if args.json:
         with open(args.json, "a") as f:
             f.write(json.dumps(result) + "\n")

@@ -18,6 +18,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+try:  # Triton comes with torch's CUDA builds on Linux; elsewhere short sequences take SDPA
+    from megabyte.short_attention import short_causal_attention
+except ImportError:
+    short_causal_attention = None
+
 VOCAB_SIZE = 256  # one token per byte value
 
 
@@ -77,9 +82,10 @@ class KVCache:
 
 
 # Up to this length (the local model's P), fused attention kernels, which tile queries and keys by 64
-# or 128, would spend most of their work on padding. On a GPU, G such sequences are put side by side
-# as one of length G * L <= PACKED_LENGTH under a block-diagonal causal mask, which fills the tiles;
-# elsewhere attention is two small batched matmuls (written out).
+# or 128, would spend most of their work on padding. On a GPU they go to ``short_causal_attention``
+# (a Triton kernel that attends whole sequences inside its tiles); with attention dropout, G of them
+# are put side by side as one of length G * L <= PACKED_LENGTH under a block-diagonal causal mask for
+# SDPA, which fills the tiles; on the CPU attention is two small batched matmuls (written out).
 SHORT_SEQUENCE = 32
 PACKED_LENGTH = 128
 
@@ -106,6 +112,11 @@ def packs_short_sequences(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
+def uses_short_attention_kernel(x: torch.Tensor, dropout: float) -> bool:
+    """Whether the Triton kernel attends the short sequences in x: on CUDA, without attention dropout."""
+    return short_causal_attention is not None and x.is_cuda and dropout == 0.0
+
+
 def block_causal_mask(G: int, L: int, device: torch.device) -> torch.Tensor:
     """bool (G*L, G*L): position i sees j when both lie in the same block of L and j <= i."""
     i = torch.arange(G * L, device=device)
@@ -115,7 +126,8 @@ def block_causal_mask(G: int, L: int, device: torch.device) -> torch.Tensor:
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention through ``scaled_dot_product_attention``.
 
-    ``is_causal=True`` lets the GPU pick flash / memory-efficient kernels.
+    ``is_causal=True`` lets the GPU pick flash / memory-efficient kernels. Batches of short sequences
+    (the local model's patches) take ``short_causal_attention`` on a GPU instead (see SHORT_SEQUENCE).
     """
 
     def __init__(self, d_model: int, n_heads: int, dropout: float) -> None:
@@ -132,6 +144,9 @@ class CausalSelfAttention(nn.Module):
         N, L, d = x.shape
         dropout = self.dropout if self.training else 0.0
         mask = None
+        if cache is None and L <= SHORT_SEQUENCE and uses_short_attention_kernel(x, dropout):
+            y = short_causal_attention(self.qkv(x), self.n_heads)  # (N, L, d)
+            return self.resid_dropout(self.proj(y))
         if cache is None and L <= SHORT_SEQUENCE:
             G = sequences_per_pack(N, L) if packs_short_sequences(x.device) else 1
             x = x.reshape(N // G, G * L, d)  # (N/G, G*L, d): G sequences side by side

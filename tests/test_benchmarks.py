@@ -32,6 +32,7 @@ def test_train_speed_prints_a_row_and_writes_json(text_file, tmp_path):
     (result,) = [json.loads(line) for line in out.read_text().splitlines()]
     assert result["model"] == "MegaByte" and result["batch"] == 2 and result["seq_len"] == 64
     assert result["bytes_per_sec"] > 0 and result["timed_batches"] == 2 and result["mfu"] is None
+    assert result["short_attention"] == "kernel"
     assert stdout.splitlines()[-1].startswith("| MegaByte | config-m.yaml")
 
 
@@ -44,3 +45,19 @@ def test_generate_speed_prints_rows_and_writes_json(tmp_path):
     for r in results:
         assert r["bytes_per_sec"] > 0 and r["bytes_per_sec"] == pytest.approx(r["batch"] * r["bytes_per_sec_per_sequence"])
     assert len(stdout.strip().splitlines()) == 4  # header, separator, two rows
+
+
+def test_short_attention_speed_checks_every_variant(tmp_path, monkeypatch):
+    """On the CPU under Triton's interpreter, float32: every variant is timed and computes attention
+    (errors against float64 far below float32 rounding of the inputs' scale)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("PYTHONPATH", str(REPO))
+    out = tmp_path / "attention.json"
+    stdout = run("short_attention_speed.py", "--N=16", "--L=8", "--heads=2", "--head_dim=16", "--dtype=float32",
+                 "--tiles=16,128", "--warps=4", "--reps=2", f"--json={out}")  # fmt: skip
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["written-out", "SDPA packed", "Triton tile 16 warps 4", "Triton tile 128 warps 4"]
+    for r in rows:
+        assert r["forward_ms"] > 0 and r["forward_backward_ms"] > 0
+        assert r["error_out"] < 1e-6 and r["error_grad"] < 1e-6
+    assert stdout.splitlines()[-1].startswith("| Triton tile 128 warps 4 |")
