@@ -2,7 +2,7 @@
 CUDA kernels that cost the most (torch.profiler). A development tool for the speed work.
 
     python benchmarks/profile_step.py --config configs/bench/config-m.yaml [--steps 20] [--trace DIR]
-        [--mode reduce-overhead] [--no_packing] [--eager]
+        [--mode reduce-overhead] [--short_attention packed] [--eager]
 
 Prints ms per step, bytes/s, MFU and peak memory, the 25 costliest kernels, and the GPU time per step
 by kind of kernel (matrix products, attention, fused pointwise/norms, optimizer, other).
@@ -15,16 +15,17 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from cli import main
+from megabyte.compilation import inductor_options
 from megabyte.flops import training_flops_per_byte
-from megabyte import model as model_module
 from megabyte.lm import bits_per_byte, build_model, parameter_groups
+from train_speed import SHORT_ATTENTION, use_short_attention
 
 
-def step_fn(model, optimizer, x):
+def step_fn(model, optimizer, x, loss_fn=bits_per_byte):
     torch.compiler.cudagraph_mark_step_begin()
     with torch.autocast("cuda", dtype=torch.bfloat16):
         logits = model(x)
-    loss = bits_per_byte(logits, x).mean()
+    loss = loss_fn(logits, x).mean()
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
     optimizer.step()
@@ -56,17 +57,19 @@ def run(config: str, overrides: list[str], steps: int, compile: bool, trace: str
     cli = main([f"--config={config}", *overrides, "--trainer.logger=false"], run=False)
     torch.manual_seed(0)
     model = build_model(cli.model.config).cuda()
-    if compile:
-        model.compile(fullgraph=True, dynamic=False, mode=mode)
+    loss_fn = bits_per_byte
+    if compile:  # as MegaByteLM.configure_model does
+        model.compile(fullgraph=True, dynamic=False, options=inductor_options(mode or "default"))
+        loss_fn = torch.compile(bits_per_byte, fullgraph=True, dynamic=False)
     optimizer = torch.optim.AdamW(parameter_groups(model, 0.1), lr=1e-4, fused=True)
     B, T = cli.datamodule.batch_size, cli.datamodule.seq_len
     x = torch.randint(0, 256, (B, T), device="cuda")
     for _ in range(5):
-        step_fn(model, optimizer, x)
+        step_fn(model, optimizer, x, loss_fn)
     torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(steps):
-        step_fn(model, optimizer, x)
+        step_fn(model, optimizer, x, loss_fn)
     torch.cuda.synchronize()
     seconds = (time.perf_counter() - start) / steps
     fpb = training_flops_per_byte(cli.model.config, T)
@@ -74,7 +77,7 @@ def run(config: str, overrides: list[str], steps: int, compile: bool, trace: str
           f"MFU {B * T / seconds * fpb / 989.4e12:.1%}, peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(3):
-            step_fn(model, optimizer, x)
+            step_fn(model, optimizer, x, loss_fn)
         torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=90))
     kinds = time_by_kind(prof, 3)
@@ -92,10 +95,9 @@ if __name__ == "__main__":
     parser.add_argument("--trace")
     parser.add_argument("--eager", action="store_true", help="also profile the eager model")
     parser.add_argument("--mode", help="torch.compile mode, e.g. reduce-overhead")
-    parser.add_argument("--no_packing", action="store_true", help="attend each short sequence alone (written out)")
+    parser.add_argument("--short_attention", choices=SHORT_ATTENTION, default="kernel", help=use_short_attention.__doc__)
     args, overrides = parser.parse_known_args()
-    if args.no_packing:
-        model_module.packs_short_sequences = lambda device: False
+    use_short_attention(args.short_attention)
     if args.eager:
         run(args.config, overrides, args.steps, False, args.trace, None)
     run(args.config, overrides, args.steps, True, args.trace, args.mode)

@@ -13,39 +13,9 @@ import functools
 from collections.abc import Callable
 
 import torch
-from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
+from megabyte.compilation import inductor_options
 from megabyte.model import VOCAB_SIZE
-
-
-class FuseReluIntoAddmm(CustomGraphPass):
-    """An inductor pass for compiled decoding steps: relu(x @ W.T + b) becomes one matrix product whose
-    epilogue adds the bias and applies the ReLU (cuBLASLt's ``_addmm_activation``). Inductor would
-    otherwise add the bias and apply the ReLU in a kernel of its own: at batch 1 every kernel costs a
-    few microseconds whatever its size. (It has no backward, so it serves decoding only.)"""
-
-    def __call__(self, graph: torch.fx.Graph) -> None:
-        aten = torch.ops.aten
-        for relu in list(graph.find_nodes(op="call_function", target=aten.relu.default)):
-            view, addmm = None, relu.args[0]
-            if addmm.target in (aten.view.default, aten.reshape.default) and len(addmm.users) == 1:
-                view, addmm = addmm, addmm.args[0]  # (N*L, d) -> (N, L, d)
-            if addmm.target != aten.addmm.default or len(addmm.users) != 1 or addmm.kwargs:
-                continue
-            with graph.inserting_before(relu):
-                fused = graph.call_function(aten._addmm_activation.default, addmm.args)
-                fused.meta["val"] = addmm.meta["val"]
-                out = fused
-                if view is not None:
-                    out = graph.call_function(view.target, (fused, *view.args[1:]))
-                    out.meta["val"] = view.meta["val"]
-            relu.replace_all_uses_with(out)
-            for node in (relu, view, addmm):
-                if node is not None:
-                    graph.erase_node(node)
-
-    def uuid(self) -> bytes:
-        return get_hash_for_files((__file__,))
 
 
 def sample_next_byte(
@@ -117,9 +87,7 @@ def generation_step(
 def compiled_generation_step() -> Callable[..., None]:
     """``generation_step`` through torch.compile, made once per process: its compilations (one per kind of
     step, batch size and sampling setting) are reused by every later ``generate(compile=True)``."""
-    compiled = torch.compile(
-        generation_step, fullgraph=True, dynamic=False, options={"post_grad_custom_pre_pass": FuseReluIntoAddmm()}
-    )
+    compiled = torch.compile(generation_step, fullgraph=True, dynamic=False, options=inductor_options("default"))
 
     def step(*args) -> None:
         # Compilations add up over models, kinds, batch sizes and sampling settings: more than dynamo's

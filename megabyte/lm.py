@@ -14,6 +14,7 @@ from jsonargparse import set_parsing_settings
 from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import MeanMetric
 
+from megabyte.compilation import inductor_options
 from megabyte.model import VOCAB_SIZE, ByteTransformer, ByteTransformerConfig, MegaByte, MegaByteConfig, ModelConfig
 
 # Let YAML choose the architecture with ``class_path: megabyte.MegaByteConfig`` or
@@ -130,6 +131,7 @@ class MegaByteLM(L.LightningModule):
             self.hparams["arch"] = config_to_dict(arch)
         self.config = arch
         self.model = build_model(arch)
+        self._bits_per_byte = bits_per_byte  # compiled with the model (configure_model)
         self.val_bpb = MeanMetric().set_dtype(torch.float64)
         self.test_bpb = MeanMetric().set_dtype(torch.float64)
 
@@ -142,8 +144,10 @@ class MegaByteLM(L.LightningModule):
         if compile is None:
             compile = self.trainer.strategy.root_device.type == "cuda"
         if compile and not getattr(self.model, "_compiled_call_impl", None):
-            mode = None if self.hparams.compile_mode == "default" else self.hparams.compile_mode
-            self.model.compile(fullgraph=True, dynamic=False, mode=mode)
+            self.model.compile(fullgraph=True, dynamic=False, options=inductor_options(self.hparams.compile_mode))
+            # The loss as one kernel a pass (float32 cast, log-softmax, the target's term) instead of about
+            # ten eager ones over the (B, T, 256) logits; no CUDA graph, so its output is the caller's.
+            self._bits_per_byte = torch.compile(bits_per_byte, fullgraph=True, dynamic=False)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint of another architecture with one error naming the differing options
@@ -178,7 +182,7 @@ class MegaByteLM(L.LightningModule):
         compiled = getattr(self.model, "_compiled_call_impl", None) is not None
         if compiled and self.hparams.compile_mode in ("reduce-overhead", "max-autotune"):  # CUDA graphs
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs are free to reuse
-        return bits_per_byte(self.model(x), x), mask
+        return self._bits_per_byte(self.model(x), x), mask
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         bits, mask = self._bits(batch)

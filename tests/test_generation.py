@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from megabyte import ByteTransformer, MegaByte
-from megabyte.generation import FuseReluIntoAddmm, sample_next_byte
+from megabyte.compilation import FuseReluIntoAddmm
+from megabyte.generation import sample_next_byte
 from megabyte.model import Transformer
 from tests.conftest import tiny_megabyte_config, tiny_transformer_config
 

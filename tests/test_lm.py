@@ -7,6 +7,7 @@ import torch.nn as nn
 
 from datamodules import TextDataModule
 from megabyte import MegaByteConfig, MegaByteLM
+from megabyte.compilation import FuseReluIntoAddmm
 from megabyte.lm import bits_per_byte, lr_factor, parameter_groups
 from tests.conftest import tiny_megabyte_config, tiny_transformer_config
 
@@ -142,16 +143,30 @@ def test_gradient_clipping_scales_the_total_norm_down_to_the_limit():
         model.configure_gradient_clipping(None, gradient_clip_val=0.5, gradient_clip_algorithm="value")
 
 
-@pytest.mark.parametrize("mode, expected", [(None, "reduce-overhead"), ("default", None), ("max-autotune", "max-autotune")])
+@pytest.mark.parametrize(
+    "mode, expected",
+    [
+        (None, {"triton.cudagraphs": True}),
+        ("default", {}),
+        ("max-autotune", {"max_autotune": True, "triton.cudagraphs": True, "coordinate_descent_tuning": True}),
+    ],
+)
 def test_compile_mode_reaches_torch_compile(monkeypatch, tmp_path, mode, expected):
-    """compile_mode (default reduce-overhead: CUDA graphs) is the mode the model is compiled with;
-    "default" is torch.compile's own. The compiled call is replaced here: no compilation runs."""
+    """compile_mode (default reduce-overhead: CUDA graphs) reaches torch.compile as the inductor options
+    of that mode, with the ReLU-into-matmul pass added; "default" is torch.compile's own. The loss is
+    compiled too. The compiled calls are replaced here: no compilation runs."""
     calls = []
     monkeypatch.setattr(nn.Module, "compile", lambda self, **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: ("compiled", fn, kwargs))
     lm = MegaByteLM(tiny_megabyte_config(max_seq_len=32), compile=True, **({} if mode is None else {"compile_mode": mode}))
     lm.trainer = L.Trainer(accelerator="cpu", logger=False, default_root_dir=tmp_path)
     lm.configure_model()
-    assert calls == [{"fullgraph": True, "dynamic": False, "mode": expected}]
+    assert len(calls) == 1
+    options = calls[0].pop("options")
+    assert calls == [{"fullgraph": True, "dynamic": False}]
+    assert isinstance(options.pop("post_grad_custom_pre_pass"), FuseReluIntoAddmm)
+    assert options == expected
+    assert lm._bits_per_byte == ("compiled", bits_per_byte, {"fullgraph": True, "dynamic": False})
 
 
 def test_training_step_logs_nothing_to_the_progress_bar(text_file, tmp_path):
