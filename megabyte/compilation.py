@@ -9,9 +9,12 @@ class FuseReluIntoAddmm(CustomGraphPass):
     """An inductor pass: relu(x @ W.T + b) becomes one matrix product whose epilogue adds the bias and
     applies the ReLU (cuBLASLt's ``_addmm_activation``). Inductor would otherwise add the bias and apply
     the ReLU in a kernel of its own, which reads and writes the whole hidden activation again (in
-    training) or costs a few microseconds whatever its size (decoding at batch 1). It runs on the graphs
-    after autograd has split the forward from the backward pass; the backward reads the ReLU's output,
-    which keeps its values."""
+    training) or costs a few microseconds whatever its size (decoding at batch 1).
+
+    In training it runs on the joint forward-backward graph, before inductor decides what the forward
+    pass saves: the ReLU's backward then reads the saved output of the product (kept anyway for the
+    next layer's weight gradient) instead of a mask that a kernel of its own would write in the
+    forward pass. Without autograd (evaluation, decoding) it runs on the graph after decompositions."""
 
     def __call__(self, graph: torch.fx.Graph) -> None:
         aten = torch.ops.aten
@@ -39,6 +42,8 @@ class FuseReluIntoAddmm(CustomGraphPass):
 
 def inductor_options(mode: str) -> dict:
     """Inductor's options of torch.compile's ``mode`` ("default", "reduce-overhead", "max-autotune", ...),
-    with ``FuseReluIntoAddmm`` added (torch.compile takes a mode or options, not both)."""
+    with ``FuseReluIntoAddmm`` added (torch.compile takes a mode or options, not both). On a graph with a
+    backward pass the joint pass leaves the post-grad pass nothing to do."""
     options = {} if mode == "default" else dict(torch._inductor.list_mode_options(mode))
-    return {**options, "post_grad_custom_pre_pass": FuseReluIntoAddmm()}
+    fuse = FuseReluIntoAddmm()
+    return {**options, "joint_custom_post_pass": fuse, "post_grad_custom_pre_pass": fuse}

@@ -164,7 +164,8 @@ def test_compile_mode_reaches_torch_compile(monkeypatch, tmp_path, mode, expecte
     assert len(calls) == 1
     options = calls[0].pop("options")
     assert calls == [{"fullgraph": True, "dynamic": False}]
-    assert isinstance(options.pop("post_grad_custom_pre_pass"), FuseReluIntoAddmm)
+    fuse = options.pop("joint_custom_post_pass")  # training graphs; the post-grad pass serves the others
+    assert isinstance(fuse, FuseReluIntoAddmm) and options.pop("post_grad_custom_pre_pass") is fuse
     assert options == expected
     assert lm._bits_per_byte == ("compiled", bits_per_byte, {"fullgraph": True, "dynamic": False})
 
