@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from megabyte import ByteTransformer, MegaByte
-from megabyte.compilation import FuseReluIntoAddmm
 from megabyte.generation import sample_next_byte
 from megabyte.model import Transformer
 from tests.conftest import tiny_megabyte_config, tiny_transformer_config
@@ -135,24 +134,6 @@ def test_compiled_decoding_steps_give_the_same_bytes(model):
     again = copy.deepcopy(model).generate(prompt, 41, generator=torch.Generator().manual_seed(5), compile=True)
     assert counters["stats"]["unique_graphs"] == compiled
     assert torch.equal(again, model.generate(prompt, 41, generator=torch.Generator().manual_seed(5)))
-
-
-def test_relu_of_a_matrix_product_becomes_one_fused_product():
-    """The inductor pass of compiled decoding: relu(x @ W.T + b) -> _addmm_activation (bias and ReLU in
-    the product's epilogue), for 2-D and 3-D inputs, with the same values; other products stay."""
-    from torch.fx.experimental.proxy_tensor import make_fx
-
-    torch.manual_seed(0)
-    mlp = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 8))
-    aten = torch.ops.aten
-    for x in (torch.randn(3, 8), torch.randn(2, 3, 8)):
-        graph_module = make_fx(mlp)(x)
-        FuseReluIntoAddmm()(graph_module.graph)
-        graph_module.recompile()
-        targets = [node.target for node in graph_module.graph.nodes]
-        assert aten.relu.default not in targets and targets.count(aten._addmm_activation.default) == 1
-        assert targets.count(aten.addmm.default) == 1  # the second layer's product, no ReLU after it
-        torch.testing.assert_close(graph_module(x), mlp(x))
 
 
 def test_under_autocast_a_copy_in_its_dtype_decodes(model, monkeypatch):
