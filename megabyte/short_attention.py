@@ -119,8 +119,9 @@ def _forward(qkv: torch.Tensor, n_heads: int, tile: int, num_warps: int) -> tupl
     N, L, three_d = qkv.shape
     o = qkv.new_empty(N, L, three_d // 3)
     lse = torch.empty(N, L, n_heads, dtype=torch.float32, device=qkv.device)
-    grid, arguments = _launch_arguments(qkv, n_heads, tile)
-    _short_attention_forward[grid](qkv, o, lse, num_warps=num_warps, **arguments)
+    if o.numel():  # an empty batch launches nothing
+        grid, arguments = _launch_arguments(qkv, n_heads, tile)
+        _short_attention_forward[grid](qkv, o, lse, num_warps=num_warps, **arguments)
     return o, lse
 
 
@@ -135,8 +136,9 @@ def _backward(
     do: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, n_heads: int, tile: int, num_warps: int
 ) -> torch.Tensor:
     dqkv = torch.empty_like(qkv)
-    grid, arguments = _launch_arguments(qkv, n_heads, tile)
-    _short_attention_backward[grid](qkv, o, do.contiguous(), lse, dqkv, num_warps=num_warps, **arguments)
+    if dqkv.numel():
+        grid, arguments = _launch_arguments(qkv, n_heads, tile)
+        _short_attention_backward[grid](qkv, o, do.contiguous(), lse, dqkv, num_warps=num_warps, **arguments)
     return dqkv
 
 
