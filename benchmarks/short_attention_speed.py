@@ -21,6 +21,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from megabyte.model import block_causal_mask, sequences_per_pack, written_out_attention
 from megabyte.short_attention import short_causal_attention
+from profile_step import time_by_kind
 
 
 def heads(qkv: torch.Tensor, n_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -53,8 +54,7 @@ def seconds_per_call(fn, device: torch.device, reps: int) -> float:
             for _ in range(reps):
                 fn()
             torch.cuda.synchronize()
-        kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
-        return sum(e.self_device_time_total for e in kernels) / 1e6 / reps
+        return sum(time_by_kind(prof, reps).values()) / 1e3
     times = []
     for _ in range(reps):
         start = time.perf_counter()

@@ -144,10 +144,10 @@ class CausalSelfAttention(nn.Module):
         N, L, d = x.shape
         dropout = self.dropout if self.training else 0.0
         mask = None
-        if cache is None and L <= SHORT_SEQUENCE and uses_short_attention_kernel(x, dropout):
-            y = short_causal_attention(self.qkv(x), self.n_heads)  # (N, L, d)
-            return self.resid_dropout(self.proj(y))
-        if cache is None and L <= SHORT_SEQUENCE:
+        if cache is None and L <= SHORT_SEQUENCE:  # the local model's patches
+            if uses_short_attention_kernel(x, dropout):
+                y = short_causal_attention(self.qkv(x), self.n_heads)  # (N, L, d)
+                return self.resid_dropout(self.proj(y))
             G = sequences_per_pack(N, L) if packs_short_sequences(x.device) else 1
             x = x.reshape(N // G, G * L, d)  # (N/G, G*L, d): G sequences side by side
             mask = block_causal_mask(G, L, x.device)  # (G*L, G*L)
