@@ -35,7 +35,7 @@ def step_fn(model, optimizer, x, loss_fn=bits_per_byte):
 
 KINDS = {  # CUDA kernel name fragments -> what they do (first match wins)
     "attention": ("flash", "fmha", "attention", "cudnn"),
-    "matmul": ("gemm", "nvjet", "cutlass", "sm90_xmma", "splitk"),
+    "matmul": ("gemm", "nvjet", "cutlass", "sm90_xmma", "splitk", "relu_backward_matmul"),
     "optimizer": ("adam", "multi_tensor", "foreach", "norm_kernel"),
     "triton (fused pointwise, norms)": ("triton",),
 }

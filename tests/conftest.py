@@ -1,4 +1,7 @@
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -7,6 +10,16 @@ import torch
 from megabyte import ByteTransformer, ByteTransformerConfig, MegaByte, MegaByteConfig
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def run_interpreted(script: str) -> dict:
+    """The JSON that ``script`` (a path under the repository) prints last, run under Triton's interpreter
+    (TRITON_INTERPRET=1): the interpreter is chosen when kernels are defined, so it runs in a process of
+    its own."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, script], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def tiny_megabyte_config(**overrides) -> MegaByteConfig:

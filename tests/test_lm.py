@@ -7,7 +7,7 @@ import torch.nn as nn
 
 from datamodules import TextDataModule
 from megabyte import MegaByteConfig, MegaByteLM
-from megabyte.compilation import FuseReluIntoAddmm
+from megabyte.compilation import FuseReluBackwardIntoMatmul, FuseReluIntoAddmm
 from megabyte.lm import bits_per_byte, lr_factor, parameter_groups
 from tests.conftest import tiny_megabyte_config, tiny_transformer_config
 
@@ -153,8 +153,7 @@ def test_gradient_clipping_scales_the_total_norm_down_to_the_limit():
 )
 def test_compile_mode_reaches_torch_compile(monkeypatch, tmp_path, mode, expected):
     """compile_mode (default reduce-overhead: CUDA graphs) reaches torch.compile as the inductor options
-    of that mode, with the ReLU-into-matmul pass added; "default" is torch.compile's own. The loss is
-    compiled too. The compiled calls are replaced here: no compilation runs."""
+    of that mode, with the ReLU passes added; "default" is torch.compile's own. The loss is compiled too. The compiled calls are replaced here: no compilation runs."""
     calls = []
     monkeypatch.setattr(nn.Module, "compile", lambda self, **kwargs: calls.append(kwargs))
     monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: ("compiled", fn, kwargs))
@@ -164,8 +163,11 @@ def test_compile_mode_reaches_torch_compile(monkeypatch, tmp_path, mode, expecte
     assert len(calls) == 1
     options = calls[0].pop("options")
     assert calls == [{"fullgraph": True, "dynamic": False}]
-    fuse = options.pop("joint_custom_post_pass")  # training graphs; the post-grad pass serves the others
+    joint = options.pop("joint_custom_post_pass")  # training graphs; the post-grad pass serves the others
+    fuse, fuse_backward = joint.passes
     assert isinstance(fuse, FuseReluIntoAddmm) and options.pop("post_grad_custom_pre_pass") is fuse
+    assert isinstance(fuse_backward, FuseReluBackwardIntoMatmul) and fuse_backward.devices == ("cuda",)
+    assert fuse_backward.dtypes == (torch.bfloat16, torch.float16)
     assert options == expected
     assert lm._bits_per_byte == ("compiled", bits_per_byte, {"fullgraph": True, "dynamic": False})
 

@@ -3,30 +3,19 @@ attention of every short sequence alone, forward and backward. Checked on the CP
 interpreter in float32 (the interpreter's bf16 is not faithful; bf16 on the GPU is checked against
 float64 by benchmarks/short_attention_speed.py, errors in benchmarks/RESULTS.md)."""
 
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from megabyte.short_attention import short_causal_attention
-from tests.conftest import REPO
+from tests.conftest import run_interpreted
 from tests.short_attention_interpreted import CASES
 
 
 @pytest.fixture(scope="module")
 def interpreted() -> dict:
-    """tests/short_attention_interpreted.py's results: the interpreter is chosen when the kernels are
-    defined, so it runs in a process of its own."""
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
-    result = subprocess.run(
-        [sys.executable, "tests/short_attention_interpreted.py"], cwd=REPO, env=env, capture_output=True, text=True,
-        timeout=300,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    """tests/short_attention_interpreted.py's results, under Triton's interpreter."""
+    return run_interpreted("tests/short_attention_interpreted.py")
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -1,0 +1,83 @@
+"""Runs ``megabyte/relu_backward.py``'s Triton kernel, and ``compilation.FuseReluBackwardIntoMatmul`` that
+puts it into compiled training graphs, on the CPU under Triton's interpreter and prints what
+tests/test_relu_backward.py checks, as JSON. Run as a script with TRITON_INTERPRET=1 in the environment
+(the interpreter is chosen when the kernel is defined, at import)."""
+
+import json
+import os
+
+import torch
+from torch._inductor.custom_graph_pass import CustomGraphPass
+
+from megabyte.compilation import FuseReluBackwardIntoMatmul, FuseReluIntoAddmm, Passes
+from megabyte.model import FeedForward, MegaByte
+from megabyte.relu_backward import relu_backward_matmul
+from tests.conftest import tiny_megabyte_config
+
+# name -> (M, K, N, block_n, b transposed): whole blocks, ragged edges in every dimension, K under a
+# block, a weight read through a transposed view (as the backward graph passes it), no rows, one row.
+CASES = {
+    "whole blocks": (256, 128, 256, 128, False),
+    "ragged": (300, 70, 130, 128, False),
+    "small": (5, 3, 7, 64, False),
+    "transposed weight": (129, 64, 96, 64, True),
+    "no rows": (0, 8, 16, 64, False),
+    "one row": (1, 16, 16, 64, False),
+}
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300)).item()
+
+
+def kernel_against_reference(M: int, K: int, N: int, block_n: int, transposed: bool) -> dict:
+    a = torch.randn(M, K)
+    b = torch.randn(N, K).t() if transposed else torch.randn(K, N)
+    out = torch.randn(M, N).relu()  # a ReLU's output: about half zeros
+    grad, column_sums = relu_backward_matmul(a, b, out, block_n=block_n)
+    expected = (a.double() @ b.double()) * (out > 0)
+    return {"grad": relative_error(grad, expected), "sum": relative_error(column_sums.sum(0), expected.sum(0)),
+            "shapes": [list(grad.shape), list(column_sums.shape)]}  # fmt: skip
+
+
+class RecordOps(CustomGraphPass):
+    """Records the ops of every graph inductor compiles, after every other pass."""
+
+    def __init__(self) -> None:
+        self.graphs: list[list[str]] = []
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        self.graphs.append([str(node.target) for node in graph.nodes if node.op == "call_function"])
+
+    def uuid(self) -> None:
+        return None
+
+
+def compiled_against_eager(model: torch.nn.Module, x: torch.Tensor) -> dict:
+    """A training step's gradients of ``model`` compiled by inductor with the project's joint passes (the
+    new one allowed on the CPU in float32) against eager ones, and the ops of the compiled backward graph."""
+    loss_fn = lambda y: y.float().square().mean()
+    expected = torch.autograd.grad(loss_fn(model(x)), list(model.parameters()))
+    record = RecordOps()
+    joint = Passes(FuseReluIntoAddmm(), FuseReluBackwardIntoMatmul(devices=("cpu",), dtypes=(torch.float32,)))
+    options = {"joint_custom_post_pass": joint, "post_grad_custom_post_pass": record}
+    compiled = torch.compile(model, fullgraph=True, dynamic=False, options=options)
+    grads = torch.autograd.grad(loss_fn(compiled(x)), list(model.parameters()))
+    _, backward_ops = record.graphs
+    return {"grads": max(relative_error(g, e) for g, e in zip(grads, expected)),
+            "kernels": backward_ops.count("megabyte.relu_backward_matmul.default"),
+            "masks left": sum(op in ("aten.where.self", "aten.le.Scalar") for op in backward_ops)}  # fmt: skip
+
+
+if __name__ == "__main__":
+    assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
+    torch.manual_seed(0)
+    a, b, out = torch.randn(33, 16), torch.randn(16, 40), torch.randn(33, 40).relu()
+    opcheck = torch.library.opcheck(torch.ops.megabyte.relu_backward_matmul.default, (a, b, out, 64, 3, 4))
+    megabyte = MegaByte(tiny_megabyte_config(init_std=0.3))
+    print(json.dumps({
+        "cases": {name: kernel_against_reference(*case) for name, case in CASES.items()},
+        "feed-forward": compiled_against_eager(FeedForward(16, 64, dropout=0.0), torch.randn(3, 8, 16)),
+        "megabyte": compiled_against_eager(megabyte, torch.randint(0, 256, (2, 64))),
+        "opcheck": {name: result == "SUCCESS" for name, result in opcheck.items()},
+    }))  # fmt: skip
