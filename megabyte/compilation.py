@@ -149,12 +149,15 @@ class Passes(CustomGraphPass):
 
 def inductor_options(mode: str) -> dict:
     """Inductor's options of torch.compile's ``mode`` ("default", "reduce-overhead", "max-autotune", ...),
-    with the passes above added (torch.compile takes a mode or options, not both). On a graph with a
-    backward pass the joint passes leave the post-grad pass nothing to do."""
+    with the passes above added (torch.compile takes a mode or options, not both) and programmatic
+    dependent launch on (Hopper and later: a kernel starts while the previous one finishes; RESULTS.md:
+    -2 % step time in training, +11 % bytes/s decoding at batch 1). On a graph with a backward pass the
+    joint passes leave the post-grad pass nothing to do."""
     options = {} if mode == "default" else dict(torch._inductor.list_mode_options(mode))
     fuse = FuseReluIntoAddmm()
     return {
         **options,
         "joint_custom_post_pass": Passes(fuse, FuseReluBackwardIntoMatmul()),
         "post_grad_custom_pre_pass": fuse,
+        "triton.enable_pdl": True,
     }

@@ -153,7 +153,8 @@ def test_gradient_clipping_scales_the_total_norm_down_to_the_limit():
 )
 def test_compile_mode_reaches_torch_compile(monkeypatch, tmp_path, mode, expected):
     """compile_mode (default reduce-overhead: CUDA graphs) reaches torch.compile as the inductor options
-    of that mode, with the ReLU passes added; "default" is torch.compile's own. The loss is compiled too. The compiled calls are replaced here: no compilation runs."""
+    of that mode, with the ReLU passes and programmatic dependent launch added; "default" is
+    torch.compile's own. The loss is compiled too. The compiled calls are replaced here: no compilation runs."""
     calls = []
     monkeypatch.setattr(nn.Module, "compile", lambda self, **kwargs: calls.append(kwargs))
     monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: ("compiled", fn, kwargs))
@@ -168,6 +169,7 @@ def test_compile_mode_reaches_torch_compile(monkeypatch, tmp_path, mode, expecte
     assert isinstance(fuse, FuseReluIntoAddmm) and options.pop("post_grad_custom_pre_pass") is fuse
     assert isinstance(fuse_backward, FuseReluBackwardIntoMatmul) and fuse_backward.devices == ("cuda",)
     assert fuse_backward.dtypes == (torch.bfloat16, torch.float16)
+    assert options.pop("triton.enable_pdl") is True
     assert options == expected
     assert lm._bits_per_byte == ("compiled", bits_per_byte, {"fullgraph": True, "dynamic": False})
 
