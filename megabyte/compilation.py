@@ -13,6 +13,14 @@ except ImportError:  # no Triton: the pass below changes nothing
     relu_backward = None
 
 
+def _through_view(node: torch.fx.Node) -> tuple[torch.fx.Node | None, torch.fx.Node]:
+    """(the view, what it views) when ``node`` is a view or reshape used once, as between a matrix product
+    (M, N) and its consumer (B, T, N); else (None, node)."""
+    if node.target in (torch.ops.aten.view.default, torch.ops.aten.reshape.default) and len(node.users) == 1:
+        return node, node.args[0]
+    return None, node
+
+
 class FuseReluIntoAddmm(CustomGraphPass):
     """An inductor pass: relu(x @ W.T + b) becomes one matrix product whose epilogue adds the bias and
     applies the ReLU (cuBLASLt's ``_addmm_activation``). Inductor would otherwise add the bias and apply
@@ -27,9 +35,7 @@ class FuseReluIntoAddmm(CustomGraphPass):
     def __call__(self, graph: torch.fx.Graph) -> None:
         aten = torch.ops.aten
         for relu in list(graph.find_nodes(op="call_function", target=aten.relu.default)):
-            view, addmm = None, relu.args[0]
-            if addmm.target in (aten.view.default, aten.reshape.default) and len(addmm.users) == 1:
-                view, addmm = addmm, addmm.args[0]  # (N*L, d) -> (N, L, d)
+            view, addmm = _through_view(relu.args[0])
             if addmm.target != aten.addmm.default or len(addmm.users) != 1 or addmm.kwargs:
                 continue
             with graph.inserting_before(relu):
@@ -87,9 +93,7 @@ class FuseReluBackwardIntoMatmul(CustomGraphPass):
             mask, zero, grad = where.args
             if mask.target != aten.le.Scalar or mask.args[1] != 0 or not _is_zero(zero):
                 continue
-            view, mm = None, grad
-            if mm.target in (aten.view.default, aten.reshape.default) and len(mm.users) == 1:
-                view, mm = mm, mm.args[0]  # (M, N) -> (B, T, N)
+            view, mm = _through_view(grad)
             value = where.meta["val"]
             if mm.target != aten.mm.default or len(mm.users) != 1:
                 continue
