@@ -232,13 +232,29 @@ class MegaByteLM(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "train/lr"}}
 
     def configure_gradient_clipping(
-        self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None
+        self, optimizer: torch.optim.Optimizer | None, gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
     ) -> None:
         """Clip the gradient norm on the device, without a host synchronisation. Done here because
         Lightning refuses to clip for fused optimizers, which are safe to clip when no gradient scaler
-        is used (the fused optimizer is only chosen then)."""
+        is used (the fused optimizer is only chosen then).
+
+        A fused Adam / AdamW divides the gradients itself: it is given the divisor (``grad_scale``, the
+        attribute through which AMP's gradient scaler talks to it), which saves a pass over the
+        gradients (RESULTS.md, session 7); other optimizers get ``clip_grad_norm_``'s scaled gradients."""
         if not gradient_clip_val:
             return
         if gradient_clip_algorithm not in (None, "norm"):
             raise ValueError(f"only gradient_clip_algorithm 'norm' is supported, got {gradient_clip_algorithm!r}")
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), gradient_clip_val, foreach=True)
+        if not _divides_gradients(optimizer):
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), gradient_clip_val, foreach=True)
+            return
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+        # clip_grad_norm_ multiplies by min(1, max_norm / (norm + 1e-6)); this is the same factor's inverse
+        optimizer.grad_scale = ((norm + 1e-6) / gradient_clip_val).clamp(min=1.0)
+
+
+def _divides_gradients(optimizer: torch.optim.Optimizer | None) -> bool:
+    """Whether ``optimizer`` is a fused Adam / AdamW, which divides the gradients by its ``grad_scale``."""
+    return isinstance(optimizer, torch.optim.Adam) and bool(optimizer.defaults.get("fused"))

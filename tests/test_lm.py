@@ -1,3 +1,4 @@
+import copy
 import math
 
 import lightning as L
@@ -141,6 +142,31 @@ def test_gradient_clipping_scales_the_total_norm_down_to_the_limit():
     assert norm().item() == pytest.approx(0.5, rel=1e-4)
     with pytest.raises(ValueError, match="only gradient_clip_algorithm 'norm'"):
         model.configure_gradient_clipping(None, gradient_clip_val=0.5, gradient_clip_algorithm="value")
+
+
+def test_gradient_clipping_of_a_fused_adamw_is_the_optimizers_own_division():
+    # The same gradients clipped by clip_grad_norm_ before a plain AdamW step, and divided inside the
+    # fused AdamW's step: the same gradients and weights after the step. eps = 0.1 makes Adam's update
+    # depend on the gradients' scale, so the weights tell too.
+    torch.manual_seed(0)
+    model = MegaByteLM(tiny_megabyte_config())
+    x = torch.randint(0, 256, (2, 16))
+    (bits_per_byte(model(x), x).mean() * 1000).backward()
+    twin = copy.deepcopy(model)  # without the gradients
+    for p, q in zip(model.parameters(), twin.parameters()):
+        q.grad = p.grad.clone()
+    fused = torch.optim.AdamW(model.parameters(), lr=0.01, eps=0.1, fused=True)
+    plain = torch.optim.AdamW(twin.parameters(), lr=0.01, eps=0.1, foreach=False)
+    model.configure_gradient_clipping(fused, gradient_clip_val=0.5, gradient_clip_algorithm="norm")
+    twin.configure_gradient_clipping(plain, gradient_clip_val=0.5, gradient_clip_algorithm="norm")
+    assert fused.grad_scale.item() > 1.0 and not hasattr(plain, "grad_scale")
+    fused.step()
+    plain.step()
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)
+        torch.testing.assert_close(p, q, msg=name)
+    norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()]))
+    assert norm.item() == pytest.approx(0.5, rel=1e-4)
 
 
 @pytest.mark.parametrize(
