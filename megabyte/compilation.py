@@ -124,7 +124,11 @@ class FuseReluBackwardIntoMatmul(CustomGraphPass):
             if tuple(view.meta["val"].shape) != (M, N):
                 continue
             for total in list(view.users):
-                if total.target != aten.sum.dim_IntList or list(total.args[1]) != [0] or total.kwargs:
+                # a sum over rows, in its input's dtype or accumulated in float32 (CUDA's autocast asks
+                # for that: ``dtype=torch.float32``), as the column sums are
+                if total.target != aten.sum.dim_IntList or list(total.args[1]) != [0]:
+                    continue
+                if set(total.kwargs) - {"dtype"} or total.kwargs.get("dtype", torch.float32) != torch.float32:
                     continue
                 with graph.inserting_before(total):
                     summed = _add_node(graph, aten.sum.dim_IntList, column_sums, [0], *total.args[2:])

@@ -4,25 +4,33 @@ tests/test_relu_backward.py checks, as JSON. Run as a script with TRITON_INTERPR
 (the interpreter is chosen when the kernel is defined, at import)."""
 
 import json
+import operator
 import os
 
 import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass
+from torch.fx.experimental.proxy_tensor import make_fx
 
 from megabyte.compilation import FuseReluBackwardIntoMatmul, FuseReluIntoAddmm, Passes
 from megabyte.model import FeedForward, MegaByte
-from megabyte.relu_backward import relu_backward_matmul
+from megabyte.relu_backward import relu_backward_matmul, runs_kernel
 from tests.conftest import tiny_megabyte_config
 
-# name -> (M, K, N, block_n, b transposed): whole blocks, ragged edges in every dimension, K under a
-# block, a weight read through a transposed view (as the backward graph passes it), no rows, one row.
+KERNEL = torch.ops.megabyte.relu_backward_matmul.default
+
+# name -> (M, K, N, block_n, b transposed, the kernel runs): whole blocks, ragged edges in every
+# dimension, K under a block, a weight read through a transposed view (as the backward graph passes it),
+# no rows, one row; and widths whose rows TMA cannot copy (float32 rows of 70 or 3 values: not a multiple
+# of 16 bytes), which take PyTorch's operations.
 CASES = {
-    "whole blocks": (256, 128, 256, 128, False),
-    "ragged": (300, 70, 130, 128, False),
-    "small": (5, 3, 7, 64, False),
-    "transposed weight": (129, 64, 96, 64, True),
-    "no rows": (0, 8, 16, 64, False),
-    "one row": (1, 16, 16, 64, False),
+    "whole blocks": (256, 128, 256, 128, False, True),
+    "ragged": (300, 72, 132, 128, False, True),
+    "small": (5, 4, 8, 64, False, True),
+    "transposed weight": (129, 64, 96, 64, True, True),
+    "no rows": (0, 8, 16, 64, False, True),
+    "one row": (1, 16, 16, 64, False, True),
+    "unaligned": (300, 70, 130, 128, False, False),
+    "small unaligned": (5, 3, 7, 64, False, False),
 }
 
 
@@ -30,24 +38,38 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300)).item()
 
 
-def kernel_against_reference(M: int, K: int, N: int, block_n: int, transposed: bool) -> dict:
+def kernel_against_reference(M: int, K: int, N: int, block_n: int, transposed: bool, _: bool) -> dict:
     a = torch.randn(M, K)
     b = torch.randn(N, K).t() if transposed else torch.randn(K, N)
     out = torch.randn(M, N).relu()  # a ReLU's output: about half zeros
     grad, column_sums = relu_backward_matmul(a, b, out, block_n=block_n)
     expected = (a.double() @ b.double()) * (out > 0)
     return {"grad": relative_error(grad, expected), "sum": relative_error(column_sums.sum(0), expected.sum(0)),
-            "shapes": [list(grad.shape), list(column_sums.shape)]}  # fmt: skip
+            "shapes": [list(grad.shape), list(column_sums.shape)], "kernel": runs_kernel(a, b, out)}  # fmt: skip
+
+
+def sums_of_masked_gradients(graph: torch.fx.Graph) -> int:
+    """Sums that read the kernel's masked gradient (through views) instead of its column sums."""
+    count = 0
+    for node in graph.find_nodes(op="call_function", target=torch.ops.aten.sum.dim_IntList):
+        source = node.args[0]
+        while source.target in (torch.ops.aten.view.default, torch.ops.aten.reshape.default):
+            source = source.args[0]
+        count += source.target is operator.getitem and source.args[1] == 0 and source.args[0].target == KERNEL
+    return count
 
 
 class RecordOps(CustomGraphPass):
-    """Records the ops of every graph inductor compiles, after every other pass."""
+    """Records the ops of every graph inductor compiles, and its sums of masked gradients, after every other
+    pass."""
 
     def __init__(self) -> None:
         self.graphs: list[list[str]] = []
+        self.gradient_sums: list[int] = []
 
     def __call__(self, graph: torch.fx.Graph) -> None:
         self.graphs.append([str(node.target) for node in graph.nodes if node.op == "call_function"])
+        self.gradient_sums.append(sums_of_masked_gradients(graph))
 
     def uuid(self) -> None:
         return None
@@ -66,7 +88,27 @@ def compiled_against_eager(model: torch.nn.Module, x: torch.Tensor) -> dict:
     _, backward_ops = record.graphs
     return {"grads": max(relative_error(g, e) for g, e in zip(grads, expected)),
             "kernels": backward_ops.count("megabyte.relu_backward_matmul.default"),
-            "masks left": sum(op in ("aten.where.self", "aten.le.Scalar") for op in backward_ops)}  # fmt: skip
+            "masks left": sum(op in ("aten.where.self", "aten.le.Scalar") for op in backward_ops),
+            "gradient sums left": record.gradient_sums[1]}  # fmt: skip
+
+
+def float32_bias_sum() -> dict:
+    """The bias gradient as CUDA's autocast writes it, a sum over rows accumulated in float32
+    (``dtype=torch.float32``), through the pass on a traced graph: it must read the column sums too."""
+
+    def backward(a, b, h):  # as in a joint graph: h and the gradient (4, 50, 40), products (200, 40)
+        grad = torch.where(h <= 0, torch.full((), 0.0), (a @ b).view(4, 50, 40))
+        return grad, grad.view(200, 40).sum(0, keepdim=True, dtype=torch.float32)
+
+    a, b, h = torch.randn(200, 16), torch.randn(16, 40), torch.randn(4, 50, 40).relu()
+    traced = make_fx(backward, tracing_mode="fake")(a, b, h)
+    before = len(traced.graph.find_nodes(op="call_function", target=torch.ops.aten.sum.dim_IntList))
+    FuseReluBackwardIntoMatmul(devices=("cpu",), dtypes=(torch.float32,))(traced.graph)
+    traced.recompile()
+    (grad, total), (expected_grad, expected_total) = traced(a, b, h), backward(a, b, h)
+    return {"sums before": before, "kernels": len(traced.graph.find_nodes(op="call_function", target=KERNEL)),
+            "gradient sums left": sums_of_masked_gradients(traced.graph),
+            "grad": relative_error(grad, expected_grad), "sum": relative_error(total, expected_total)}  # fmt: skip
 
 
 if __name__ == "__main__":
@@ -79,5 +121,6 @@ if __name__ == "__main__":
         "cases": {name: kernel_against_reference(*case) for name, case in CASES.items()},
         "feed-forward": compiled_against_eager(FeedForward(16, 64, dropout=0.0), torch.randn(3, 8, 16)),
         "megabyte": compiled_against_eager(megabyte, torch.randint(0, 256, (2, 64))),
+        "float32 bias sum": float32_bias_sum(),
         "opcheck": {name: result == "SUCCESS" for name, result in opcheck.items()},
     }))  # fmt: skip
