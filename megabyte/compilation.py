@@ -8,9 +8,9 @@ import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
 try:
-    from megabyte import relu_backward, short_attention
-except ImportError:  # no Triton: the passes below that use its kernels change nothing
-    relu_backward = short_attention = None
+    from megabyte import relu_backward
+except ImportError:  # no Triton: the pass below changes nothing
+    relu_backward = None
 
 
 def _through_view(node: torch.fx.Node) -> tuple[torch.fx.Node | None, torch.fx.Node]:
@@ -71,28 +71,6 @@ def _is_zero(value) -> bool:
     return value == 0
 
 
-def _sum_from_column_sums(graph: torch.fx.Graph, grad: torch.fx.Node, column_sums: torch.fx.Node, M: int, N: int) -> None:
-    """``grad`` viewed as (M, N) summed over rows (a bias gradient) -> the kernel's column sums summed.
-    ``column_sums`` must come before every user of ``grad`` in the graph."""
-    aten = torch.ops.aten
-    views = [grad] + [u for u in grad.users if u.target in (aten.view.default, aten.reshape.default)]
-    for view in views:
-        if tuple(view.meta["val"].shape) != (M, N):
-            continue
-        for total in list(view.users):
-            # a sum over rows, in its input's dtype or accumulated in float32 (CUDA's autocast asks
-            # for that: ``dtype=torch.float32``), as the column sums are
-            if total.target != aten.sum.dim_IntList or list(total.args[1]) != [0]:
-                continue
-            if set(total.kwargs) - {"dtype"} or total.kwargs.get("dtype", torch.float32) != torch.float32:
-                continue
-            with graph.inserting_before(total):
-                summed = _add_node(graph, aten.sum.dim_IntList, column_sums, [0], *total.args[2:])
-                new = _add_node(graph, torch.ops.prims.convert_element_type.default, summed, total.meta["val"].dtype)
-            total.replace_all_uses_with(new)
-            graph.erase_node(total)
-
-
 class FuseReluBackwardIntoMatmul(CustomGraphPass):
     """An inductor pass on the joint forward-backward graph: the ReLU's backward of a product's output,
     ``where(h <= 0, 0, a @ b)``, becomes one ``relu_backward.relu_backward_matmul`` kernel (the mask in the
@@ -135,37 +113,32 @@ class FuseReluBackwardIntoMatmul(CustomGraphPass):
             for node in (where, mask, view, mm):
                 if node is not None and not node.users:
                     graph.erase_node(node)
-            _sum_from_column_sums(graph, new, column_sums, M, N)
+            self._sum_from_column_sums(graph, new, column_sums, M, N)
+
+    @staticmethod
+    def _sum_from_column_sums(graph: torch.fx.Graph, grad: torch.fx.Node, column_sums: torch.fx.Node, M: int, N: int) -> None:
+        """``grad`` viewed as (M, N) summed over rows (the bias gradient) -> the column sums summed."""
+        aten = torch.ops.aten
+        views = [grad] + [u for u in grad.users if u.target in (aten.view.default, aten.reshape.default)]
+        for view in views:
+            if tuple(view.meta["val"].shape) != (M, N):
+                continue
+            for total in list(view.users):
+                # a sum over rows, in its input's dtype or accumulated in float32 (CUDA's autocast asks
+                # for that: ``dtype=torch.float32``), as the column sums are
+                if total.target != aten.sum.dim_IntList or list(total.args[1]) != [0]:
+                    continue
+                if set(total.kwargs) - {"dtype"} or total.kwargs.get("dtype", torch.float32) != torch.float32:
+                    continue
+                with graph.inserting_before(total):
+                    summed = _add_node(graph, aten.sum.dim_IntList, column_sums, [0], *total.args[2:])
+                    new = _add_node(graph, torch.ops.prims.convert_element_type.default, summed, total.meta["val"].dtype)
+                total.replace_all_uses_with(new)
+                graph.erase_node(total)
 
     def uuid(self) -> bytes:
         files = (__file__, relu_backward.__file__ if relu_backward else __file__)
         return get_hash_for_files(files) + repr((self.devices, self.dtypes)).encode()  # the settings key the cache too
-
-
-class BiasGradientFromColumnSums(CustomGraphPass):
-    """An inductor pass on the joint forward-backward graph: the bias gradient of the projection in front
-    of ``short_attention``'s kernel, the sum of the kernel's qkv gradient over rows, becomes a sum of the
-    column sums the kernel writes beside that gradient. Inductor would otherwise read the whole gradient
-    again for it (config M's local model: 151 MB, 53 us a layer on an H100; RESULTS.md, session 7)."""
-
-    def __call__(self, graph: torch.fx.Graph) -> None:
-        if short_attention is None:
-            return
-        backward = torch.ops.megabyte.short_causal_attention_backward.default
-        for node in list(graph.find_nodes(op="call_function", target=backward)):
-            outputs = {user.args[1]: user for user in node.users if user.target is operator.getitem}
-            if 0 not in outputs:
-                continue
-            N, L, three_d = outputs[0].meta["val"].shape
-            if 1 not in outputs:
-                with graph.inserting_after(outputs[0]):
-                    outputs[1] = _add_node(graph, operator.getitem, node, 1)
-            _sum_from_column_sums(graph, outputs[0], outputs[1], N * L, three_d)
-            if not outputs[1].users:
-                graph.erase_node(outputs[1])
-
-    def uuid(self) -> bytes:
-        return get_hash_for_files((__file__, short_attention.__file__ if short_attention else __file__))
 
 
 class Passes(CustomGraphPass):
@@ -192,7 +165,7 @@ def inductor_options(mode: str) -> dict:
     fuse = FuseReluIntoAddmm()
     return {
         **options,
-        "joint_custom_post_pass": Passes(fuse, FuseReluBackwardIntoMatmul(), BiasGradientFromColumnSums()),
+        "joint_custom_post_pass": Passes(fuse, FuseReluBackwardIntoMatmul()),
         "post_grad_custom_pre_pass": fuse,
         "triton.enable_pdl": True,
     }

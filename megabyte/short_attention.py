@@ -8,8 +8,7 @@ straight from the rows of the fused ``qkv`` projection, computes every score of 
 matrix product, keeps those inside a sequence and causal, and writes the output already in the
 layout the output projection reads. The whole softmax fits in the tile, so no running maximum is
 needed; the backward pass recomputes the scores from the saved log-sum-exp, as flash attention does,
-and writes the gradient of ``qkv`` in one tensor, with each tile's column sums of it (from which
-``compilation.BiasGradientFromColumnSums`` takes the projection's bias gradient in compiled training).
+and writes the gradient of ``qkv`` in one tensor.
 
 Used by ``CausalSelfAttention`` on CUDA for its short sequences (up to ``SHORT_SEQUENCE``) without
 attention dropout. On an H100 (benchmarks/RESULTS.md) a layer of config M's local model takes 0.23 ms
@@ -71,7 +70,7 @@ def _short_attention_forward(
 
 @triton.jit
 def _short_attention_backward(
-    QKV, O, DO, LSE, DQKV, COLUMN_SUMS, M, stride_row, n_heads, d, scale, L: tl.constexpr, TILE: tl.constexpr,
+    QKV, O, DO, LSE, DQKV, M, stride_row, n_heads, d, scale, L: tl.constexpr, TILE: tl.constexpr,
     HS: tl.constexpr, HS_PAD: tl.constexpr, PRECISION: tl.constexpr,
 ):
     tile, head = tl.program_id(0), tl.program_id(1)
@@ -90,25 +89,9 @@ def _short_attention_backward(
     dq = tl.dot(ds, k, input_precision=PRECISION)
     dk = tl.dot(tl.trans(ds), q, input_precision=PRECISION)
     dqkv_offsets = rows[:, None] * 3 * d + head * HS + c[None, :]
-    sums = COLUMN_SUMS + tile * 3 * d + head * HS + c  # (HS_PAD,) this program's columns of the tile's row
-    _store_gradient(DQKV + dqkv_offsets, sums, dq, load_ok, c < HS)
-    _store_gradient(DQKV + d + dqkv_offsets, sums + d, dk, load_ok, c < HS)
-    _store_gradient(DQKV + 2 * d + dqkv_offsets, sums + 2 * d, dv, load_ok, c < HS)
-
-
-@triton.jit
-def _store_gradient(pointers, sum_pointers, grad, mask, column_mask):
-    """Stores a (TILE, HS_PAD) gradient and its column sums (the bias gradient's share of these rows,
-    from the values as stored; padding rows hold zeros)."""
-    stored = grad.to(pointers.dtype.element_ty)
-    tl.store(pointers, stored, mask=mask)
-    tl.store(sum_pointers, tl.sum(stored.to(tl.float32), 0), mask=column_mask)
-
-
-def _tiles(qkv: torch.Tensor, tile: int) -> int:
-    """Programs per head: tiles of ``tile // L`` whole sequences."""
-    N, L, _ = qkv.shape
-    return triton.cdiv(N * L, tile // L * L)
+    tl.store(DQKV + dqkv_offsets, dq.to(DQKV.dtype.element_ty), mask=load_ok)
+    tl.store(DQKV + d + dqkv_offsets, dk.to(DQKV.dtype.element_ty), mask=load_ok)
+    tl.store(DQKV + 2 * d + dqkv_offsets, dv.to(DQKV.dtype.element_ty), mask=load_ok)
 
 
 def _launch_arguments(qkv: torch.Tensor, n_heads: int, tile: int) -> tuple[tuple, dict]:
@@ -116,7 +99,7 @@ def _launch_arguments(qkv: torch.Tensor, n_heads: int, tile: int) -> tuple[tuple
     N, L, three_d = qkv.shape
     d = three_d // 3
     M, hs = N * L, d // n_heads
-    grid = (_tiles(qkv, tile), n_heads)
+    grid = (triton.cdiv(M, tile // L * L), n_heads)
     precision = "ieee" if qkv.dtype == torch.float32 else "tf32"  # tf32 is ignored for bf16 / fp16 inputs
     constants = {"L": L, "TILE": tile, "HS": hs, "HS_PAD": max(16, triton.next_power_of_2(hs)), "PRECISION": precision}
     return grid, dict(M=M, stride_row=three_d, n_heads=n_heads, d=d, scale=hs**-0.5, **constants)
@@ -151,20 +134,17 @@ def _(qkv, n_heads, tile, num_warps):
 @torch.library.custom_op("megabyte::short_causal_attention_backward", mutates_args=())
 def _backward(
     do: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, n_heads: int, tile: int, num_warps: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> the gradient of qkv, and its column sums over each tile's rows (tiles, 3d) float32, whose sum
-    over rows is the qkv projection's bias gradient (``compilation.BiasGradientFromColumnSums``)."""
+) -> torch.Tensor:
     dqkv = torch.empty_like(qkv)
-    column_sums = torch.empty(_tiles(qkv, tile), qkv.shape[2], dtype=torch.float32, device=qkv.device)
     if dqkv.numel():
         grid, arguments = _launch_arguments(qkv, n_heads, tile)
-        _short_attention_backward[grid](qkv, o, do.contiguous(), lse, dqkv, column_sums, num_warps=num_warps, **arguments)
-    return dqkv, column_sums
+        _short_attention_backward[grid](qkv, o, do.contiguous(), lse, dqkv, num_warps=num_warps, **arguments)
+    return dqkv
 
 
 @_backward.register_fake
 def _(do, qkv, o, lse, n_heads, tile, num_warps):
-    return torch.empty_like(qkv), qkv.new_empty(_tiles(qkv, tile), qkv.shape[2], dtype=torch.float32)
+    return torch.empty_like(qkv)
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -174,7 +154,7 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _gradient(ctx, do: torch.Tensor, dlse: torch.Tensor | None):
     qkv, o, lse = ctx.saved_tensors
-    return _backward(do, qkv, o, lse, ctx.n_heads, ctx.tile, ctx.num_warps)[0], None, None, None
+    return _backward(do, qkv, o, lse, ctx.n_heads, ctx.tile, ctx.num_warps), None, None, None
 
 
 _forward.register_autograd(_gradient, setup_context=_setup_context)
