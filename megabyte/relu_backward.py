@@ -63,9 +63,11 @@ def _tma_loadable(t: torch.Tensor) -> bool:
 
 def runs_kernel(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> bool:
     """Whether ``relu_backward_matmul(a, b, out)`` runs the kernel; otherwise (rows that TMA cannot copy,
-    such as a width whose bytes are not a multiple of 16) it computes the same with PyTorch's operations."""
+    such as a width whose bytes are not a multiple of 16, or an empty inner dimension) it computes the
+    same with PyTorch's operations."""
     grad_loadable = b.shape[1] * a.element_size() % 16 == 0  # the gradient is written contiguous
-    return _tma_loadable(a) and (_tma_loadable(b) or _tma_loadable(b.t())) and _tma_loadable(out) and grad_loadable
+    copyable = _tma_loadable(a) and (_tma_loadable(b) or _tma_loadable(b.t())) and _tma_loadable(out)
+    return copyable and grad_loadable and a.shape[1] > 0
 
 
 def _check(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:

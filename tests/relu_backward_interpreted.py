@@ -21,7 +21,7 @@ KERNEL = torch.ops.megabyte.relu_backward_matmul.default
 # name -> (M, K, N, block_n, b transposed, the kernel runs): whole blocks, ragged edges in every
 # dimension, K under a block, a weight read through a transposed view (as the backward graph passes it),
 # no rows, one row; and widths whose rows TMA cannot copy (float32 rows of 70 or 3 values: not a multiple
-# of 16 bytes), which take PyTorch's operations.
+# of 16 bytes) and an empty inner dimension, which take PyTorch's operations.
 CASES = {
     "whole blocks": (256, 128, 256, 128, False, True),
     "ragged": (300, 72, 132, 128, False, True),
@@ -31,6 +31,7 @@ CASES = {
     "one row": (1, 16, 16, 64, False, True),
     "unaligned": (300, 70, 130, 128, False, False),
     "small unaligned": (5, 3, 7, 64, False, False),
+    "no inner dimension": (5, 0, 8, 64, False, False),
 }
 
 
