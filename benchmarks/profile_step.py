@@ -17,7 +17,7 @@ from torch.profiler import ProfilerActivity, profile
 from cli import main
 from megabyte.compilation import inductor_options
 from megabyte.flops import training_flops_per_byte
-from megabyte.lm import bits_per_byte, build_model, parameter_groups
+from megabyte.lm import bits_per_byte, build_model, clip_gradient_norm, parameter_groups
 from train_speed import SHORT_ATTENTION, use_short_attention
 
 
@@ -27,7 +27,7 @@ def step_fn(model, optimizer, x, loss_fn=bits_per_byte):
         logits = model(x)
     loss = loss_fn(logits, x).mean()
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
+    clip_gradient_norm(model.parameters(), optimizer, 1.0)  # as MegaByteLM clips
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss

@@ -4,6 +4,7 @@ optimizer and schedule. The model itself lives in ``megabyte/model.py``."""
 import dataclasses
 import importlib
 import math
+from collections.abc import Iterable
 from typing import Any, Literal
 
 import lightning as L
@@ -235,24 +236,29 @@ class MegaByteLM(L.LightningModule):
         self, optimizer: torch.optim.Optimizer | None, gradient_clip_val: float | None = None,
         gradient_clip_algorithm: str | None = None,
     ) -> None:
-        """Clip the gradient norm on the device, without a host synchronisation. Done here because
-        Lightning refuses to clip for fused optimizers, which are safe to clip when no gradient scaler
-        is used (the fused optimizer is only chosen then).
-
-        A fused Adam / AdamW divides the gradients itself: it is given the divisor (``grad_scale``, the
-        attribute through which AMP's gradient scaler talks to it), which saves a pass over the
-        gradients (RESULTS.md, session 7); other optimizers get ``clip_grad_norm_``'s scaled gradients."""
+        """Clip the gradient norm on the device, without a host synchronisation (``clip_gradient_norm``).
+        Done here because Lightning refuses to clip for fused optimizers, which are safe to clip when no
+        gradient scaler is used (the fused optimizer is only chosen then)."""
         if not gradient_clip_val:
             return
         if gradient_clip_algorithm not in (None, "norm"):
             raise ValueError(f"only gradient_clip_algorithm 'norm' is supported, got {gradient_clip_algorithm!r}")
-        if not _divides_gradients(optimizer):
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), gradient_clip_val, foreach=True)
-            return
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm(grads, foreach=True)
-        # clip_grad_norm_ multiplies by min(1, max_norm / (norm + 1e-6)); this is the same factor's inverse
-        optimizer.grad_scale = ((norm + 1e-6) / gradient_clip_val).clamp(min=1.0)
+        clip_gradient_norm(self.model.parameters(), optimizer, gradient_clip_val)
+
+
+def clip_gradient_norm(parameters: Iterable[nn.Parameter], optimizer: torch.optim.Optimizer | None, max_norm: float) -> None:
+    """Scale the gradients of ``parameters`` down to a total norm of at most ``max_norm``, on the device.
+
+    A fused Adam / AdamW divides the gradients itself: it is given the divisor (``grad_scale``, the
+    attribute through which AMP's gradient scaler talks to it), which saves a pass over the gradients
+    (RESULTS.md, session 7); for other optimizers ``clip_grad_norm_`` scales the gradients."""
+    if not _divides_gradients(optimizer):
+        torch.nn.utils.clip_grad_norm_(parameters, max_norm, foreach=True)
+        return
+    grads = [p.grad for p in parameters if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+    # clip_grad_norm_ multiplies by min(1, max_norm / (norm + 1e-6)); this is the same factor's inverse
+    optimizer.grad_scale = ((norm + 1e-6) / max_norm).clamp(min=1.0)
 
 
 def _divides_gradients(optimizer: torch.optim.Optimizer | None) -> bool:
