@@ -3,7 +3,7 @@
 import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
-from megabyte.compilation import FuseReluIntoAddmm, inductor_options
+from megabyte.compilation import FuseReluIntoAddmm, ProductsInFloat32, inductor_options
 from megabyte.model import FeedForward
 
 
@@ -60,3 +60,56 @@ def test_training_graph_saves_the_product_and_no_relu_mask():
     torch.testing.assert_close(out, expected)
     for grad, expected_grad in zip(grads, expected_grads):
         torch.testing.assert_close(grad, expected_grad)
+
+
+def _traced_products(fn, *shapes, dtype=torch.bfloat16):
+    """``fn`` traced on fake CPU tensors of ``shapes``, the product pass applied as on CUDA."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    inputs = [torch.randn(*shape, dtype=dtype) for shape in shapes]
+    traced = make_fx(fn, tracing_mode="fake")(*inputs)
+    ProductsInFloat32(devices=("cpu",))(traced.graph)
+    traced.graph.lint()
+    nodes = [node for node in traced.graph.nodes if node.op == "call_function"]
+    (output,) = traced.graph.find_nodes(op="output")
+    return [node.target for node in nodes], [node.meta["val"] for node in output.args[0]]
+
+
+def test_a_product_cast_to_float32_is_written_in_float32():
+    """A weight gradient as autocast's joint graph has it, the bf16 product (dY^T X) transposed and cast to
+    float32, becomes one product that writes float32 (``aten.mm.dtype``), transposed: no cast, no bf16
+    product left, the same shape and dtype out."""
+    aten, prims = torch.ops.aten, torch.ops.prims
+
+    def weight_gradient(dy, x):  # dy (M, N), x (M, K) -> (N, K) float32, through (K, N)
+        return (prims.convert_element_type(aten.t(aten.mm(aten.t(x), dy)), torch.float32),)
+
+    targets, (grad,) = _traced_products(weight_gradient, (64, 24), (64, 16))
+    assert targets.count(aten.mm.dtype) == 1 and aten.mm.default not in targets
+    assert prims.convert_element_type.default not in targets
+    assert grad.dtype == torch.float32 and grad.shape == (24, 16)
+
+
+def test_products_used_otherwise_stay():
+    """A product whose bf16 value is used besides the cast, a float32 product, a cast to another dtype,
+    and any product on a device the pass is not for (the CPU by default) are left as they are."""
+    aten, prims = torch.ops.aten, torch.ops.prims
+
+    def used_twice(a, b):
+        product = aten.mm(a, b)
+        return prims.convert_element_type(product, torch.float32), product
+
+    def to_half(a, b):
+        return (prims.convert_element_type(aten.mm(a, b), torch.float16),)
+
+    for fn, dtype in ((used_twice, torch.bfloat16), (to_half, torch.bfloat16), (used_twice, torch.float32)):
+        targets, _ = _traced_products(fn, (8, 4), (4, 6), dtype=dtype)
+        assert aten.mm.dtype not in targets and aten.mm.default in targets
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def cast(a, b):
+        return (prims.convert_element_type(aten.mm(a, b), torch.float32),)
+
+    traced = make_fx(cast, tracing_mode="fake")(torch.randn(8, 4, dtype=torch.bfloat16), torch.randn(4, 6, dtype=torch.bfloat16))
+    ProductsInFloat32()(traced.graph)  # for CUDA only
+    assert aten.mm.dtype not in [node.target for node in traced.graph.nodes]

@@ -8,7 +8,7 @@ import torch.nn as nn
 
 from datamodules import TextDataModule
 from megabyte import MegaByteConfig, MegaByteLM
-from megabyte.compilation import FuseReluBackwardIntoMatmul, FuseReluIntoAddmm
+from megabyte.compilation import FuseReluBackwardIntoMatmul, FuseReluIntoAddmm, ProductsInFloat32
 from megabyte.lm import bits_per_byte, lr_factor, parameter_groups
 from tests.conftest import tiny_megabyte_config, tiny_transformer_config
 
@@ -179,7 +179,7 @@ def test_gradient_clipping_of_a_fused_adamw_is_the_optimizers_own_division():
 )
 def test_compile_mode_reaches_torch_compile(monkeypatch, tmp_path, mode, expected):
     """compile_mode (default reduce-overhead: CUDA graphs) reaches torch.compile as the inductor options
-    of that mode, with the ReLU passes and programmatic dependent launch added; "default" is
+    of that mode, with the ReLU passes, the float32 products and programmatic dependent launch added; "default" is
     torch.compile's own. The loss is compiled too. The compiled calls are replaced here: no compilation runs."""
     calls = []
     monkeypatch.setattr(nn.Module, "compile", lambda self, **kwargs: calls.append(kwargs))
@@ -191,10 +191,11 @@ def test_compile_mode_reaches_torch_compile(monkeypatch, tmp_path, mode, expecte
     options = calls[0].pop("options")
     assert calls == [{"fullgraph": True, "dynamic": False}]
     joint = options.pop("joint_custom_post_pass")  # training graphs; the post-grad pass serves the others
-    fuse, fuse_backward = joint.passes
+    fuse, fuse_backward, float32_products = joint.passes
     assert isinstance(fuse, FuseReluIntoAddmm) and options.pop("post_grad_custom_pre_pass") is fuse
     assert isinstance(fuse_backward, FuseReluBackwardIntoMatmul) and fuse_backward.devices == ("cuda",)
     assert fuse_backward.dtypes == (torch.bfloat16, torch.float16)
+    assert isinstance(float32_products, ProductsInFloat32) and float32_products.devices == ("cuda",)
     assert options.pop("triton.enable_pdl") is True
     assert options == expected
     assert lm._bits_per_byte == ("compiled", bits_per_byte, {"fullgraph": True, "dynamic": False})
