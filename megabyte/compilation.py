@@ -147,9 +147,9 @@ class ProductsInFloat32(CustomGraphPass):
     (``aten.mm.dtype``: cuBLAS stores its float32 accumulator). Under autocast these are the weight
     gradients of the float32 parameters: inductor would round each one to bf16, then cast it back in a
     kernel of its own (RESULTS.md, session 8: 0.29 ms of kernels a step of config M); the gradient is
-    no longer rounded to bf16 either. A transpose between the product and the cast stays, on the float32 result. Applies on
-    ``devices`` (CUDA: ``aten.mm.dtype`` has no CPU kernel; the tests trace CPU graphs without running
-    them)."""
+    no longer rounded to bf16 either. A transpose between the product and the cast stays, on the
+    float32 result. Applies on ``devices`` (CUDA: ``aten.mm.dtype`` has no CPU kernel; the tests trace
+    CPU graphs without running them)."""
 
     def __init__(self, devices: tuple[str, ...] = ("cuda",)) -> None:
         self.devices = devices

@@ -84,10 +84,17 @@ def test_a_product_cast_to_float32_is_written_in_float32():
     def weight_gradient(dy, x):  # dy (M, N), x (M, K) -> (N, K) float32, through (K, N)
         return (prims.convert_element_type(aten.t(aten.mm(aten.t(x), dy)), torch.float32),)
 
-    targets, (grad,) = _traced_products(weight_gradient, (64, 24), (64, 16))
-    assert targets.count(aten.mm.dtype) == 1 and aten.mm.default not in targets
-    assert prims.convert_element_type.default not in targets
-    assert grad.dtype == torch.float32 and grad.shape == (24, 16)
+    def permuted(dy, x):
+        return (prims.convert_element_type(aten.permute(aten.mm(aten.t(x), dy), [1, 0]), torch.float32),)
+
+    def plain(dy, x):  # (N, K) float32 straight from the product
+        return (prims.convert_element_type(aten.mm(aten.t(dy), x), torch.float32),)
+
+    for fn in (weight_gradient, permuted, plain):
+        targets, (grad,) = _traced_products(fn, (64, 24), (64, 16))
+        assert targets.count(aten.mm.dtype) == 1 and aten.mm.default not in targets
+        assert prims.convert_element_type.default not in targets
+        assert grad.dtype == torch.float32 and grad.shape == (24, 16)
 
 
 def test_products_used_otherwise_stay():
