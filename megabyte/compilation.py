@@ -13,10 +13,12 @@ except ImportError:  # no Triton: the pass below changes nothing
     relu_backward = None
 
 
-def _through_view(node: torch.fx.Node) -> tuple[torch.fx.Node | None, torch.fx.Node]:
-    """(the view, what it views) when ``node`` is a view or reshape used once, as between a matrix product
-    (M, N) and its consumer (B, T, N); else (None, node)."""
-    if node.target in (torch.ops.aten.view.default, torch.ops.aten.reshape.default) and len(node.users) == 1:
+def _through_view(
+    node: torch.fx.Node, views: tuple = (torch.ops.aten.view.default, torch.ops.aten.reshape.default)
+) -> tuple[torch.fx.Node | None, torch.fx.Node]:
+    """(the view, what it views) when ``node`` is one of ``views`` used once, as a view or reshape between a
+    matrix product (M, N) and its consumer (B, T, N); else (None, node)."""
+    if node.target in views and len(node.users) == 1:
         return node, node.args[0]
     return None, node
 
@@ -159,9 +161,7 @@ class ProductsInFloat32(CustomGraphPass):
         for cast in list(graph.find_nodes(op="call_function", target=prims.convert_element_type.default)):
             if cast.args[1] != torch.float32:
                 continue
-            mm, transpose = cast.args[0], None
-            if mm.target in (aten.permute.default, aten.t.default) and len(mm.users) == 1:
-                transpose, mm = mm, mm.args[0]
+            transpose, mm = _through_view(cast.args[0], (aten.permute.default, aten.t.default))
             if mm.target != aten.mm.default or len(mm.users) != 1:
                 continue
             value = mm.meta["val"]
