@@ -62,13 +62,14 @@ def test_training_graph_saves_the_product_and_no_relu_mask():
         torch.testing.assert_close(grad, expected_grad)
 
 
-def _traced_products(fn, *shapes, dtype=torch.bfloat16):
-    """``fn`` traced on fake CPU tensors of ``shapes``, the product pass applied as on CUDA."""
+def _traced_products(fn, *shapes, dtype=torch.bfloat16, devices=("cpu",)):
+    """``fn`` traced on fake CPU tensors of ``shapes``, the product pass applied for ``devices`` (the CPU:
+    as on CUDA)."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
     inputs = [torch.randn(*shape, dtype=dtype) for shape in shapes]
     traced = make_fx(fn, tracing_mode="fake")(*inputs)
-    ProductsInFloat32(devices=("cpu",))(traced.graph)
+    ProductsInFloat32(devices=devices)(traced.graph)
     traced.graph.lint()
     nodes = [node for node in traced.graph.nodes if node.op == "call_function"]
     (output,) = traced.graph.find_nodes(op="output")
@@ -112,11 +113,9 @@ def test_products_used_otherwise_stay():
     for fn, dtype in ((used_twice, torch.bfloat16), (to_half, torch.bfloat16), (used_twice, torch.float32)):
         targets, _ = _traced_products(fn, (8, 4), (4, 6), dtype=dtype)
         assert aten.mm.dtype not in targets and aten.mm.default in targets
-    from torch.fx.experimental.proxy_tensor import make_fx
 
     def cast(a, b):
         return (prims.convert_element_type(aten.mm(a, b), torch.float32),)
 
-    traced = make_fx(cast, tracing_mode="fake")(torch.randn(8, 4, dtype=torch.bfloat16), torch.randn(4, 6, dtype=torch.bfloat16))
-    ProductsInFloat32()(traced.graph)  # for CUDA only
-    assert aten.mm.dtype not in [node.target for node in traced.graph.nodes]
+    targets, _ = _traced_products(cast, (8, 4), (4, 6), devices=ProductsInFloat32().devices)  # CUDA only
+    assert aten.mm.dtype not in targets and aten.mm.default in targets
