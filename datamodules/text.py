@@ -9,6 +9,7 @@ The corpus is split contiguously by bytes (90 / 5 / 5 by default), written once 
 file in a cache folder and memory-mapped, so a corpus larger than RAM works.
 """
 
+import contextlib
 import gzip
 import hashlib
 import json
@@ -216,6 +217,8 @@ class TextDataModule(ByteDataModule):
                     n_bytes += len(chunk)
         if n_bytes == 0:
             partial.unlink()
+            with contextlib.suppress(OSError):  # nothing of an empty corpus is left in the cache
+                folder.rmdir()
             raise ValueError(f"data path {self.path!r} holds no bytes (empty file or files)")
         partial.rename(folder / "bytes.bin")
         (folder / "meta.json").write_text(json.dumps({"path": self.path, "n_bytes": n_bytes}))
