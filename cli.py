@@ -2,9 +2,10 @@
 
 The datamodule is chosen in subclass mode (``data: class_path: datamodules.TextDataModule``), so
 switching modality is switching the ``data:`` block. ``data.seq_len`` is linked to the model's
-``max_seq_len``: it is typed once. With ``--ckpt_path FILE`` the model (and, unless given, the data)
-is rebuilt from the hyperparameters stored in the checkpoint. ``generate --ckpt_path FILE`` writes
-samples as files of the data's medium (``.txt``, ``.png``, ``.wav``).
+``max_seq_len``: it is typed once. With ``--ckpt_path FILE`` (on the command line or in a config
+file) the model (and, unless given, the data) is rebuilt from the hyperparameters stored in the
+checkpoint; the data's ``seq_len`` may then be shorter than the model's ``max_seq_len``.
+``generate --ckpt_path FILE`` writes samples as files of the data's medium (``.txt``, ``.png``, ``.wav``).
 """
 
 import importlib
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from jsonargparse import Namespace
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -27,9 +29,25 @@ from datamodules.base import ByteDataModule
 from megabyte import MegaByteLM
 
 
-def checkpoint_defaults(ckpt_path: str) -> dict[str, Any]:
+CKPT_KEYWORDS = ("last", "best", "hpc", "registry")  # --ckpt_path values Lightning resolves itself
+
+
+def read_checkpoint(ckpt_path: str) -> dict[str, Any]:
+    """The checkpoint's plain data; a clear error for a missing file or one this project did not write."""
+    if not Path(ckpt_path).is_file():
+        raise ValueError(f"--ckpt_path {ckpt_path}: no such file")
+    try:
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        why = f"{type(error).__name__}: {error}"
+        raise ValueError(f"--ckpt_path {ckpt_path}: not a readable checkpoint ({why})") from error
+    if not isinstance(ckpt, dict) or "arch" not in ckpt.get("hyper_parameters", {}):
+        raise ValueError(f"--ckpt_path {ckpt_path}: no model hyperparameters in it (not saved by this project)")
+    return ckpt
+
+
+def checkpoint_defaults(ckpt: dict[str, Any]) -> dict[str, Any]:
     """Parser defaults that rebuild the model and the datamodule a checkpoint was trained with."""
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     defaults = {}
     for key, group in (("hyper_parameters", "model"), ("datamodule_hyper_parameters", "data")):
         hparams = {k: v for k, v in ckpt.get(key, {}).items() if k != "_instantiator"}
@@ -51,17 +69,29 @@ def data_seq_len(data: Namespace) -> int:
 
 
 def ckpt_path_argument(argv: list[str]) -> str | None:
+    """The subcommand's ``ckpt_path``: the last one given, as ``--ckpt_path`` or in a ``--config`` file."""
+    ckpt_path = None
     for i, arg in enumerate(argv):
-        if arg == "--ckpt_path" and i + 1 < len(argv):
-            return argv[i + 1]
-        if arg.startswith("--ckpt_path="):
-            return arg.split("=", 1)[1]
-    return None
+        name, _, value = arg.partition("=")
+        if name not in ("--ckpt_path", "--config", "-c"):
+            continue
+        if not value and i + 1 < len(argv):
+            value = argv[i + 1]
+        if name == "--ckpt_path":
+            ckpt_path = value
+        elif Path(value).is_file():
+            config = yaml.safe_load(Path(value).read_text())
+            if isinstance(config, dict) and "ckpt_path" in config:
+                ckpt_path = config["ckpt_path"]
+    return ckpt_path
 
 
 class MegaByteCLI(LightningCLI):
+    checkpoint_max_seq_len: int | None = None
+    """The ``max_seq_len`` of the model in ``--ckpt_path``, set while parsing."""
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.link_arguments("data", "model.arch.init_args.max_seq_len", compute_fn=data_seq_len)
+        parser.link_arguments("data", "model.arch.init_args.max_seq_len", compute_fn=self.model_max_seq_len)
         # Always present, configurable as --checkpoint.* and --lr_monitor.*
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults(
@@ -79,6 +109,21 @@ class MegaByteCLI(LightningCLI):
         parser.add_lightning_class_args(SampleCallback, "samples")
         parser.add_lightning_class_args(ThroughputCallback, "throughput")
         parser.add_lightning_class_args(FaultTolerance, "fault_tolerance")
+
+    def model_max_seq_len(self, data: Namespace | None) -> int:
+        """The model's ``max_seq_len``: the data's sequence length, or with ``--ckpt_path`` the
+        checkpoint's (the data's may then be shorter)."""
+        if data is None:
+            raise ValueError("no data configured: give --config FILE (e.g. configs/quickstart.yaml) or --ckpt_path")
+        seq_len = data_seq_len(data)
+        if self.checkpoint_max_seq_len is None:
+            return seq_len
+        if seq_len > self.checkpoint_max_seq_len:
+            raise ValueError(
+                f"data.seq_len {seq_len} is longer than the checkpoint's model reads (max_seq_len "
+                f"{self.checkpoint_max_seq_len}): give --data.seq_len {self.checkpoint_max_seq_len} or less"
+            )
+        return self.checkpoint_max_seq_len
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -166,12 +211,18 @@ class MegaByteCLI(LightningCLI):
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         # A checkpoint's hyperparameters become defaults: a config file and the command line
-        # still override them (Lightning then forces the model's from the checkpoint).
+        # still override those of the data (Lightning then forces the model's from the checkpoint).
         argv = sys.argv[1:] if args is None else args
         if isinstance(argv, list) and argv and argv[0] in getattr(self, "_subcommand_parsers", {}):
+            subcommand_parser = self._subcommand_parsers[argv[0]]
             ckpt_path = ckpt_path_argument(argv)
-            if ckpt_path and Path(ckpt_path).is_file():
-                self._subcommand_parsers[argv[0]].set_defaults(checkpoint_defaults(ckpt_path))
+            if ckpt_path and ckpt_path not in CKPT_KEYWORDS:
+                try:
+                    ckpt = read_checkpoint(ckpt_path)
+                except ValueError as error:
+                    subcommand_parser.error(str(error))
+                subcommand_parser.set_defaults(checkpoint_defaults(ckpt))
+                self.checkpoint_max_seq_len = ckpt["hyper_parameters"]["arch"]["init_args"]["max_seq_len"]
         super().parse_arguments(parser, args)
 
 

@@ -107,3 +107,30 @@ def test_seq_len_is_typed_once(text_file, tmp_path):
     assert cli.model.config.max_seq_len == 64 == cli.datamodule.seq_len
     with pytest.raises(ValueError, match="max_seq_len 60 is not a multiple of patch_size 8"):
         main(["fit", *args, "--data.seq_len=60", "--trainer.fast_dev_run=1"])
+
+
+def test_checkpoint_keeps_its_max_seq_len_and_bad_checkpoints_are_named(text_file, tmp_path, monkeypatch, capsys):
+    last = fit(REPO / "configs" / "quickstart.yaml", text_file, tmp_path)  # max_seq_len 32
+    monkeypatch.chdir(tmp_path)
+    quiet = "--trainer.enable_progress_bar=false"
+    # Windows shorter than the model's: the model is the checkpoint's, whatever data.seq_len says.
+    cli = main(["test", f"--ckpt_path={last}", "--data.seq_len=16", quiet])
+    assert cli.model.config.max_seq_len == 32 and cli.datamodule.seq_len == 16
+    assert cli.trainer.callback_metrics["test/bpb"].item() > 0
+    # A config file's ckpt_path counts like --ckpt_path.
+    (tmp_path / "test.yaml").write_text(f"ckpt_path: {last}\n")
+    assert main(["test", f"--config={tmp_path / 'test.yaml'}", quiet]).model.config.max_seq_len == 32
+
+    torch.save({"state_dict": {}}, tmp_path / "plain.ckpt")
+    (tmp_path / "junk.ckpt").write_text("not a checkpoint")
+    for args, message in [
+        ([f"--ckpt_path={last}", "--data.seq_len=64"],
+         "data.seq_len 64 is longer than the checkpoint's model reads (max_seq_len 32): give --data.seq_len 32 or less"),
+        (["--ckpt_path=missing.ckpt"], "--ckpt_path missing.ckpt: no such file"),
+        ([f"--ckpt_path={tmp_path / 'plain.ckpt'}"], "no model hyperparameters in it"),
+        ([f"--ckpt_path={tmp_path / 'junk.ckpt'}"], "not a readable checkpoint"),
+        ([], "no data configured: give --config FILE"),
+    ]:  # fmt: skip
+        with pytest.raises(SystemExit):
+            main(["test", *args, quiet])
+        assert message in capsys.readouterr().err, message
