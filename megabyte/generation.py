@@ -51,7 +51,7 @@ def sample_next_byte(
 
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
-    if temperature < 0:
+    if not temperature >= 0:  # NaN too
         raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
     if top_k is not None and not 1 <= top_k <= VOCAB_SIZE:
         raise ValueError(f"top_k must be in 1..{VOCAB_SIZE} or None, got {top_k}")
@@ -117,6 +117,8 @@ def generate(
     if max_new_bytes < 0:
         raise ValueError(f"max_new_bytes must be >= 0, got {max_new_bytes}")
     check_sampling(temperature, top_k, top_p)
+    if prompt.numel() and not 0 <= prompt.min() <= prompt.max() < VOCAB_SIZE:
+        raise ValueError(f"prompt bytes must be in 0..{VOCAB_SIZE - 1}, got {prompt.min()}..{prompt.max()}")
     B, n = prompt.shape
     total = n + max_new_bytes
     if total > model.config.max_seq_len:

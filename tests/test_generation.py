@@ -107,14 +107,18 @@ def test_generate_keeps_training_mode_and_checks_its_arguments():
     assert torch.equal(model.generate(prompt, 0), prompt)
     with pytest.raises(ValueError, match="exceeds max_seq_len 64"):
         model.generate(prompt, 62)
-    with pytest.raises(ValueError, match="temperature must be >= 0"):
-        model.generate(prompt, 4, temperature=-1)
+    for temperature in (-1, float("nan")):
+        with pytest.raises(ValueError, match="temperature must be >= 0"):
+            model.generate(prompt, 4, temperature=temperature)
     with pytest.raises(ValueError, match="top_k must be in 1..256"):
         model.generate(prompt, 4, top_k=0)
     with pytest.raises(ValueError, match="top_p must be in"):
         model.generate(prompt, 4, top_p=1.5)
     with pytest.raises(ValueError, match="expected prompt LongTensor"):
         model.generate(prompt.to(torch.uint8), 4)
+    for byte in (-1, 256):
+        with pytest.raises(ValueError, match=f"prompt bytes must be in 0..255, got {min(byte, 0)}..{max(byte, 0)}"):
+            model.generate(torch.tensor([[0, byte]]), 4)
 
 
 def test_compiled_decoding_steps_give_the_same_bytes(model):
