@@ -20,13 +20,14 @@ import yaml
 from jsonargparse import Namespace
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from callbacks.fault_tolerance import FaultTolerance
-from callbacks.samples import SampleCallback, generate_samples, validation_prompts
+from callbacks.samples import SampleCallback, check_sample_options, generate_samples, validation_prompts
 from callbacks.throughput import ThroughputCallback
 from datamodules.base import ByteDataModule
 from megabyte import MegaByteLM
+from megabyte.generation import check_sampling
 
 
 CKPT_KEYWORDS = ("last", "best", "hpc", "registry")  # --ckpt_path values Lightning resolves itself
@@ -170,9 +171,10 @@ class MegaByteCLI(LightningCLI):
             output_dir: Folder for ``sample_{i}`` and, with validation prompts, ``original_{i}``.
             n_samples: Number of samples.
             prompt_file: Prompt with this file, encoded by the DataModule (text: its bytes; images and
-                audio: converted like the training data). A file that fills ``sample_len`` (a whole
-                image) is cut to its first ``prompt_fraction``. By default every sample continues the
-                first ``prompt_fraction`` of a validation sequence.
+                audio: converted like the training data). A file that fills ``sample_len`` is cut to
+                ``prompt_fraction`` of it: an image keeps its first bytes (the model completes the rest),
+                text and audio their last (the sample continues the end of the file). By default every
+                sample continues the first ``prompt_fraction`` of a validation sequence.
             sample_len: Bytes per sample, prompt included; default ``data.seq_len`` (the whole image).
             prompt_fraction: Share of a sample given as the prompt (validation sequences, long prompt files).
             temperature: Sampling temperature; 0 is greedy.
@@ -182,16 +184,22 @@ class MegaByteCLI(LightningCLI):
             compile: Compile the decoding steps (``torch.compile``): about a minute at the start,
                 then about 1.5x the bytes/s on a GPU; pays for long samples.
         """
+        check_sample_options(sample_len, prompt_fraction)
+        check_sampling(temperature, top_k, top_p)
+        sample_len = datamodule.seq_len if sample_len is None else sample_len
+        if sample_len > model.config.max_seq_len:
+            raise ValueError(f"sample_len must be in 1..{model.config.max_seq_len} (the model's max_seq_len)")
         checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         model.load_state_dict(checkpoint["state_dict"])
-        sample_len = sample_len or datamodule.seq_len
-        if not 1 <= sample_len <= model.config.max_seq_len:
-            raise ValueError(f"sample_len must be in 1..{model.config.max_seq_len} (the model's max_seq_len)")
         originals = None
         if prompt_file is not None:
             prompt = datamodule.encode_file(prompt_file).long()
             if len(prompt) >= sample_len:  # e.g. a whole image: the model completes its second part
-                prompt = prompt[: int(prompt_fraction * sample_len)]
+                n_bytes, prompt = len(prompt), datamodule.cut_prompt(prompt, int(prompt_fraction * sample_len))
+                rank_zero_warn(
+                    f"{prompt_file} gives {n_bytes} bytes, at least sample_len ({sample_len}): prompting with "
+                    f"{len(prompt)} of them (--prompt_fraction of --sample_len)"
+                )
             prompts = prompt.expand(n_samples, -1)
         else:
             datamodule.prepare_data()

@@ -15,8 +15,16 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from datamodules.base import ByteDataModule
+from megabyte.generation import check_sampling
 
 log = logging.getLogger(__name__)
+
+
+def check_sample_options(sample_len: int | None, prompt_fraction: float) -> None:
+    if sample_len is not None and sample_len < 1:
+        raise ValueError(f"sample_len must be >= 1 or None (data.seq_len), got {sample_len}")
+    if not 0 <= prompt_fraction < 1:
+        raise ValueError(f"prompt_fraction must be in [0, 1), got {prompt_fraction}")
 
 
 def validation_prompts(
@@ -28,8 +36,7 @@ def validation_prompts(
     B <= n: sequences shorter than ``sample_len`` (a short last window) are left out.
     ``sample_len`` None means the DataModule's ``seq_len``; a whole image for images.
     """
-    if not 0 <= prompt_fraction < 1:
-        raise ValueError(f"prompt_fraction must be in [0, 1), got {prompt_fraction}")
+    check_sample_options(sample_len, prompt_fraction)
     sample_len = min(sample_len or datamodule.seq_len, datamodule.seq_len)
     examples = [e[:sample_len] for e in datamodule.examples(n) if len(e) >= sample_len]
     if not examples:
@@ -102,6 +109,9 @@ class SampleCallback(L.Callback):
             raise ValueError(
                 f"need every_n_validations >= 0 (0: off) and n_samples >= 1, got {every_n_validations} and {n_samples}"
             )
+        # Checked now, not at the first validation: a bad value would end the run there, before its checkpoint.
+        check_sample_options(sample_len, prompt_fraction)
+        check_sampling(temperature, top_k, top_p)
         self.every_n_validations = every_n_validations
         self.n_samples = n_samples
         self.sample_len = sample_len

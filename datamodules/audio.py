@@ -446,6 +446,10 @@ class AudioDataModule(ByteDataModule):
             raise ValueError(f"cannot read audio file {str(path)!r}: {error}") from error
         return torch.from_numpy(encode_waveform(waveform, self.encoding).copy())
 
+    def cut_prompt(self, prompt: torch.Tensor, length: int) -> torch.Tensor:
+        """The last whole samples of a clip, at most ``length`` bytes: the sample continues its end."""
+        return super().cut_prompt(prompt, length - length % BYTES_PER_SAMPLE[self.encoding])
+
     # -- bytes -> audio -----------------------------------------------------------------------
 
     def decode(self, data: Bytes) -> tuple[torch.Tensor, int]:

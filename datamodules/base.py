@@ -71,6 +71,12 @@ class ByteDataModule(L.LightningDataModule):
             raise ValueError(f"file {str(path)!r} is empty")
         return torch.frombuffer(bytearray(data), dtype=torch.uint8)
 
+    def cut_prompt(self, prompt: torch.Tensor, length: int) -> torch.Tensor:
+        """A prompt too long for its sample -> at most ``length`` of its bytes: here its last ones, so the
+        sample continues the end of the prompt. Images keep their first bytes (the model completes the
+        rest of the image); audio keeps whole samples."""
+        return prompt[len(prompt) - min(length, len(prompt)) :]
+
     def eval_dataset(self, split: str) -> Dataset:
         """The evaluation sequences of ``split`` ("val" or "test"): uint8 tensors (L,), L <= seq_len.
         Needs ``setup``."""

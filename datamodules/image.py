@@ -680,6 +680,10 @@ class ImageDataModule(ByteDataModule):
         pixels = image_pixels(image, self.height, self.width, self.channels, self.resize)
         return torch.from_numpy(pixels_to_bytes(pixels[None], self.scan, self.scan_patch).reshape(-1).copy())
 
+    def cut_prompt(self, prompt: torch.Tensor, length: int) -> torch.Tensor:
+        """An image's first ``length`` bytes: the model completes the rest of the image."""
+        return prompt[:length]
+
     # -- bytes -> image -------------------------------------------------------------------------------
 
     def decode(self, data: Bytes) -> torch.Tensor:

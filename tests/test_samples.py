@@ -11,7 +11,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from callbacks.samples import SampleCallback, as_code_block
 from cli import main
-from datamodules import TextDataModule
+from datamodules import AudioDataModule, ImageDataModule, TextDataModule
 from megabyte import MegaByteLM
 from tests.conftest import REPO, tiny_megabyte_config
 
@@ -62,6 +62,22 @@ def test_sample_callback_rejects_bad_options():
         SampleCallback(every_n_validations=-1)
     with pytest.raises(ValueError, match="n_samples >= 1"):
         SampleCallback(n_samples=0)
+    # Sampling options too, at once: at the first validation the run would end before its checkpoint.
+    for options, message in [
+        ({"temperature": -1}, "temperature must be >= 0"), ({"top_p": 0}, "top_p must be in"),
+        ({"top_k": 300}, "top_k must be in"), ({"prompt_fraction": 1.0}, "prompt_fraction must be in"),
+        ({"sample_len": 0}, "sample_len must be >= 1"),
+    ]:  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            SampleCallback(**options)
+
+
+def test_a_long_prompt_keeps_the_end_of_text_and_audio_and_the_start_of_an_image():
+    prompt = torch.arange(10)
+    assert TextDataModule("unused").cut_prompt(prompt, 5).tolist() == [5, 6, 7, 8, 9]
+    assert AudioDataModule("unused", encoding="pcm16").cut_prompt(prompt, 5).tolist() == [6, 7, 8, 9]  # whole samples
+    assert AudioDataModule("unused", encoding="mulaw").cut_prompt(prompt, 5).tolist() == [5, 6, 7, 8, 9]
+    assert ImageDataModule(image_size=2, channels=3).cut_prompt(prompt, 5).tolist() == [0, 1, 2, 3, 4]
 
 
 def fit_quickstart(text_file: Path, tmp_path: Path) -> Path:
@@ -99,9 +115,21 @@ def test_generate_from_a_checkpoint_writes_files(text_file, tmp_path, monkeypatc
     expected = lm.model.generate(prompt, 21, temperature=0)[0]
     assert np.array_equal(np.frombuffer((out / "sample_0.txt").read_bytes(), dtype=np.uint8), expected.numpy())
 
-    # a prompt file as long as the sample is cut to its first prompt_fraction
+    # A prompt file longer than the sample: the sample continues its end (its last prompt_fraction of
+    # sample_len bytes; default sample_len: data.seq_len, 32).
+    text = b"import os\nimport sys\n\ndef main(argv):\n    return 0\n"
+    (tmp_path / "long.txt").write_bytes(text)
+    with pytest.warns(UserWarning, match=f"gives {len(text)} bytes, at least sample_len \\(32\\): prompting with 16"):
+        main([*args, f"--prompt_file={tmp_path / 'long.txt'}", "--n_samples=1", "--temperature=0"])
+    expected = lm.model.generate(torch.tensor([list(text[-16:])]), 16, temperature=0)[0]
+    assert np.array_equal(np.frombuffer((out / "sample_0.txt").read_bytes(), dtype=np.uint8), expected.numpy())
+    for option, message in [("--sample_len=0", "sample_len must be >= 1"), ("--prompt_fraction=1.5", "prompt_fraction")]:
+        with pytest.raises(ValueError, match=message):
+            main([*args, option])
+
+    # A prompt file exactly as long as the sample is cut too: to the last prompt_fraction of the sample.
     main([*args, f"--prompt_file={tmp_path / 'prompt.txt'}", "--n_samples=1", "--sample_len=9", "--prompt_fraction=0.5"])
-    assert (out / "sample_0.txt").read_bytes()[:4] == b"def "
+    assert (out / "sample_0.txt").read_bytes()[:4] == b"ain("
 
 
 def test_image_samples_are_a_grid_of_originals_beside_completions(tmp_path):
