@@ -23,6 +23,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from callbacks.fault_tolerance import FaultTolerance
+from callbacks.predictions import BitsWriter
 from callbacks.samples import SampleCallback, check_sample_options, generate_samples, validation_prompts
 from callbacks.throughput import ThroughputCallback
 from datamodules.base import ByteDataModule
@@ -110,6 +111,7 @@ class MegaByteCLI(LightningCLI):
         parser.add_lightning_class_args(SampleCallback, "samples")
         parser.add_lightning_class_args(ThroughputCallback, "throughput")
         parser.add_lightning_class_args(FaultTolerance, "fault_tolerance")
+        parser.add_lightning_class_args(BitsWriter, "predictions")
 
     def model_max_seq_len(self, data: Namespace | None) -> int:
         """The model's ``max_seq_len``: the data's sequence length, or with ``--ckpt_path`` the

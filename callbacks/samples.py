@@ -37,7 +37,7 @@ def validation_prompts(
     ``sample_len`` None means the DataModule's ``seq_len``; a whole image for images.
     """
     check_sample_options(sample_len, prompt_fraction)
-    sample_len = min(sample_len or datamodule.seq_len, datamodule.seq_len)
+    sample_len = datamodule.seq_len if sample_len is None else min(sample_len, datamodule.seq_len)
     examples = [e[:sample_len] for e in datamodule.examples(n) if len(e) >= sample_len]
     if not examples:
         raise ValueError(f"no validation sequence holds sample_len {sample_len} bytes")

@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -94,8 +95,19 @@ def test_checkpoint_alone_rebuilds_model_and_data(text_file, tmp_path, monkeypat
     validated = main(["validate", f"--ckpt_path={last}", "--trainer.enable_progress_bar=false"])
     assert validated.trainer.callback_metrics["val/bpb"].item() > 0
     predicted = main(["predict", f"--ckpt_path={last}", "--trainer.enable_progress_bar=false",
-                      "--trainer.limit_predict_batches=2"])  # fmt: skip
-    assert predicted.trainer.predict_loop.predictions[0]["bits"].shape == (2, 32)
+                      "--trainer.limit_predict_batches=2", f"--predictions.path={tmp_path / 'bits.npy'}"])  # fmt: skip
+    batches = predicted.trainer.predict_loop.predictions
+    assert batches[0]["bits"].shape == (2, 32)
+    # The file holds the bits of every byte predicted, in the split's order: here 2 batches of 2 full windows.
+    written = np.load(tmp_path / "bits.npy")
+    assert written.dtype == np.float32 and written.shape == (4 * 32,)
+    assert np.array_equal(written, torch.cat([b["bits"].reshape(-1) for b in batches]).numpy())
+    # By default, in the run's log folder; the whole split: each of its bytes once, its short last window too.
+    default = main(["predict", f"--ckpt_path={last}", "--trainer.enable_progress_bar=false", "--data.seq_len=24"])
+    written = np.load(Path(default.trainer.log_dir) / "predict_bits.npy")
+    assert len(default.datamodule.splits["test"]) % 24 and written.shape == (len(default.datamodule.splits["test"]),)
+    mean_bits = torch.cat([b["bits"][b["mask"]] for b in default.trainer.predict_loop.predictions]).double().mean()
+    assert written.mean(dtype=np.float64) == pytest.approx(mean_bits.item())
 
 
 def test_seq_len_is_typed_once(text_file, tmp_path):
