@@ -85,53 +85,36 @@ def test_config_fits_then_tests_from_its_checkpoint(config, text_file, tmp_path)
     assert any("test/bpb" in scalars(d) for d in (tmp_path / "logs").rglob("version_*"))
 
 
-def test_checkpoint_alone_rebuilds_model_and_data(text_file, tmp_path, monkeypatch):
+def test_checkpoint_alone_rebuilds_model_and_data(text_file, tmp_path, monkeypatch, capsys):
     last = fit(REPO / "configs" / "quickstart.yaml", text_file, tmp_path)
     monkeypatch.chdir(tmp_path)
+    quiet = "--trainer.enable_progress_bar=false"
     # No --config: the architecture, seq_len and data come from the checkpoint.
-    cli = main(["test", f"--ckpt_path={last}", "--trainer.enable_progress_bar=false"])
+    cli = main(["test", f"--ckpt_path={last}", quiet])
     assert cli.model.config.d_global == 32 and cli.model.config.max_seq_len == 32
     assert cli.datamodule.path == str(text_file)
-    validated = main(["validate", f"--ckpt_path={last}", "--trainer.enable_progress_bar=false"])
+    validated = main(["validate", f"--ckpt_path={last}", quiet])
     assert validated.trainer.callback_metrics["val/bpb"].item() > 0
-    predicted = main(["predict", f"--ckpt_path={last}", "--trainer.enable_progress_bar=false",
-                      "--trainer.limit_predict_batches=2", f"--predictions.path={tmp_path / 'bits.npy'}"])  # fmt: skip
+    predicted = main(["predict", f"--ckpt_path={last}", quiet, "--trainer.limit_predict_batches=2",
+                      f"--predictions.path={tmp_path / 'bits.npy'}"])  # fmt: skip
     batches = predicted.trainer.predict_loop.predictions
     assert batches[0]["bits"].shape == (2, 32)
     # The file holds the bits of every byte predicted, in the split's order: here 2 batches of 2 full windows.
     written = np.load(tmp_path / "bits.npy")
     assert written.dtype == np.float32 and written.shape == (4 * 32,)
     assert np.array_equal(written, torch.cat([b["bits"].reshape(-1) for b in batches]).numpy())
-    # By default, in the run's log folder; the whole split: each of its bytes once, its short last window too.
-    default = main(["predict", f"--ckpt_path={last}", "--trainer.enable_progress_bar=false", "--data.seq_len=24"])
-    written = np.load(Path(default.trainer.log_dir) / "predict_bits.npy")
-    assert len(default.datamodule.splits["test"]) % 24 and written.shape == (len(default.datamodule.splits["test"]),)
+
+    # Windows shorter than the model's: the model stays the checkpoint's. The bits go by default to the
+    # run's log folder, for the whole split: each of its bytes once, its short last window too.
+    default = main(["predict", f"--ckpt_path={last}", quiet, "--data.seq_len=24"])
+    assert default.model.config.max_seq_len == 32 and default.datamodule.seq_len == 24
+    written, split = np.load(Path(default.trainer.log_dir) / "predict_bits.npy"), default.datamodule.splits["test"]
+    assert len(split) % 24 and written.shape == (len(split),)
     mean_bits = torch.cat([b["bits"][b["mask"]] for b in default.trainer.predict_loop.predictions]).double().mean()
     assert written.mean(dtype=np.float64) == pytest.approx(mean_bits.item())
-
-
-def test_seq_len_is_typed_once(text_file, tmp_path):
-    """data.seq_len sets the model's max_seq_len; a value that does not fit the patch size is refused."""
-    config = REPO / "configs" / "quickstart.yaml"
-    # fast_dev_run turns the logger off: checkpoints would go to default_root_dir
-    args = [*tiny_args(config, text_file, tmp_path), f"--trainer.default_root_dir={tmp_path}"]
-    cli = main(["fit", *args, "--data.seq_len=64", "--trainer.fast_dev_run=1"])
-    assert cli.model.config.max_seq_len == 64 == cli.datamodule.seq_len
-    with pytest.raises(ValueError, match="max_seq_len 60 is not a multiple of patch_size 8"):
-        main(["fit", *args, "--data.seq_len=60", "--trainer.fast_dev_run=1"])
-
-
-def test_checkpoint_keeps_its_max_seq_len_and_bad_checkpoints_are_named(text_file, tmp_path, monkeypatch, capsys):
-    last = fit(REPO / "configs" / "quickstart.yaml", text_file, tmp_path)  # max_seq_len 32
-    monkeypatch.chdir(tmp_path)
-    quiet = "--trainer.enable_progress_bar=false"
-    # Windows shorter than the model's: the model is the checkpoint's, whatever data.seq_len says.
-    cli = main(["test", f"--ckpt_path={last}", "--data.seq_len=16", quiet])
-    assert cli.model.config.max_seq_len == 32 and cli.datamodule.seq_len == 16
-    assert cli.trainer.callback_metrics["test/bpb"].item() > 0
     # A config file's ckpt_path counts like --ckpt_path.
     (tmp_path / "test.yaml").write_text(f"ckpt_path: {last}\n")
-    assert main(["test", f"--config={tmp_path / 'test.yaml'}", quiet]).model.config.max_seq_len == 32
+    assert main(["validate", f"--config={tmp_path / 'test.yaml'}", quiet]).model.config.max_seq_len == 32
 
     torch.save({"state_dict": {}}, tmp_path / "plain.ckpt")
     (tmp_path / "junk.ckpt").write_text("not a checkpoint")
@@ -146,3 +129,15 @@ def test_checkpoint_keeps_its_max_seq_len_and_bad_checkpoints_are_named(text_fil
         with pytest.raises(SystemExit):
             main(["test", *args, quiet])
         assert message in capsys.readouterr().err, message
+
+
+def test_seq_len_is_typed_once(text_file, tmp_path):
+    """data.seq_len sets the model's max_seq_len; a value that does not fit the patch size is refused."""
+    config = REPO / "configs" / "quickstart.yaml"
+    # fast_dev_run turns the logger off: checkpoints would go to default_root_dir
+    args = [*tiny_args(config, text_file, tmp_path), f"--trainer.default_root_dir={tmp_path}"]
+    cli = main(["fit", *args, "--data.seq_len=64", "--trainer.fast_dev_run=1"])
+    assert cli.model.config.max_seq_len == 64 == cli.datamodule.seq_len
+    with pytest.raises(ValueError, match="max_seq_len 60 is not a multiple of patch_size 8"):
+        main(["fit", *args, "--data.seq_len=60", "--trainer.fast_dev_run=1"])
+
