@@ -8,7 +8,7 @@ import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from cli import main
+from cli import main, read_checkpoint
 from tests.audio_files import write_wav_folder
 from tests.conftest import REPO
 from tests.image_files import write_image_folder
@@ -116,19 +116,24 @@ def test_checkpoint_alone_rebuilds_model_and_data(text_file, tmp_path, monkeypat
     (tmp_path / "test.yaml").write_text(f"ckpt_path: {last}\n")
     assert main(["validate", f"--config={tmp_path / 'test.yaml'}", quiet]).model.config.max_seq_len == 32
 
-    torch.save({"state_dict": {}}, tmp_path / "plain.ckpt")
-    (tmp_path / "junk.ckpt").write_text("not a checkpoint")
     for args, message in [
         ([f"--ckpt_path={last}", "--data.seq_len=64"],
          "data.seq_len 64 is longer than the checkpoint's model reads (max_seq_len 32): give --data.seq_len 32 or less"),
-        (["--ckpt_path=missing.ckpt"], "--ckpt_path missing.ckpt: no such file"),
-        ([f"--ckpt_path={tmp_path / 'plain.ckpt'}"], "no model hyperparameters in it"),
-        ([f"--ckpt_path={tmp_path / 'junk.ckpt'}"], "not a readable checkpoint"),
+        (["--ckpt_path=missing.ckpt"], "--ckpt_path missing.ckpt: no such file"),  # read_checkpoint's errors
         ([], "no data configured: give --config FILE"),
     ]:  # fmt: skip
         with pytest.raises(SystemExit):
             main(["test", *args, quiet])
         assert message in capsys.readouterr().err, message
+
+
+def test_a_foreign_checkpoint_is_named(tmp_path):
+    torch.save({"state_dict": {}}, tmp_path / "plain.ckpt")
+    (tmp_path / "junk.ckpt").write_text("not a checkpoint")
+    for name, message in [("missing", "no such file"), ("plain", "no model hyperparameters in it"),
+                          ("junk", "not a readable checkpoint")]:  # fmt: skip
+        with pytest.raises(ValueError, match=f"--ckpt_path .*{name}.ckpt: {message}"):
+            read_checkpoint(str(tmp_path / f"{name}.ckpt"))
 
 
 def test_seq_len_is_typed_once(text_file, tmp_path):
