@@ -31,7 +31,9 @@ from megabyte import MegaByteLM
 from megabyte.generation import check_sampling
 
 
-CKPT_KEYWORDS = ("last", "best", "hpc", "registry")  # --ckpt_path values Lightning resolves itself
+def lightning_resolves(ckpt_path: str) -> bool:
+    """A ``--ckpt_path`` that Lightning resolves itself: "last", "best", "hpc", "registry[:...]"."""
+    return ckpt_path in ("last", "best", "hpc") or ckpt_path.lower().partition(":")[0] == "registry"
 
 
 def read_checkpoint(ckpt_path: str) -> dict[str, Any]:
@@ -226,7 +228,7 @@ class MegaByteCLI(LightningCLI):
         if isinstance(argv, list) and argv and argv[0] in getattr(self, "_subcommand_parsers", {}):
             subcommand_parser = self._subcommand_parsers[argv[0]]
             ckpt_path = ckpt_path_argument(argv)
-            if ckpt_path and ckpt_path not in CKPT_KEYWORDS:
+            if ckpt_path and not lightning_resolves(ckpt_path):
                 try:
                     ckpt = read_checkpoint(ckpt_path)
                 except ValueError as error:
