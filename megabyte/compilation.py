@@ -16,8 +16,8 @@ except ImportError:  # no Triton: the pass below changes nothing
 def _through_view(
     node: torch.fx.Node, views: tuple = (torch.ops.aten.view.default, torch.ops.aten.reshape.default)
 ) -> tuple[torch.fx.Node | None, torch.fx.Node]:
-    """(the view, what it views) when ``node`` is one of ``views`` used once, as a view or reshape between a
-    matrix product (M, N) and its consumer (B, T, N); else (None, node)."""
+    """(the view, what it views) when ``node`` is one of ``views`` used once, e.g. a reshape between a
+    matrix product (M, N) and its consumer (B, T, N), or a transpose of a product; else (None, node)."""
     if node.target in views and len(node.users) == 1:
         return node, node.args[0]
     return None, node

@@ -145,4 +145,3 @@ def test_seq_len_is_typed_once(text_file, tmp_path):
     assert cli.model.config.max_seq_len == 64 == cli.datamodule.seq_len
     with pytest.raises(ValueError, match="max_seq_len 60 is not a multiple of patch_size 8"):
         main(["fit", *args, "--data.seq_len=60", "--trainer.fast_dev_run=1"])
-

@@ -179,8 +179,9 @@ def test_gradient_clipping_of_a_fused_adamw_is_the_optimizers_own_division():
 )
 def test_compile_mode_reaches_torch_compile(monkeypatch, tmp_path, mode, expected):
     """compile_mode (default reduce-overhead: CUDA graphs) reaches torch.compile as the inductor options
-    of that mode, with the ReLU passes, the float32 products and programmatic dependent launch added; "default" is
-    torch.compile's own. The loss is compiled too. The compiled calls are replaced here: no compilation runs."""
+    of that mode, with the ReLU passes, the float32 products and programmatic dependent launch added;
+    "default" is torch.compile's own. The loss is compiled too. The compiled calls are replaced here: no
+    compilation runs."""
     calls = []
     monkeypatch.setattr(nn.Module, "compile", lambda self, **kwargs: calls.append(kwargs))
     monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: ("compiled", fn, kwargs))
