@@ -4,7 +4,7 @@ optimizer and schedule. The model itself lives in ``megabyte/model.py``."""
 import dataclasses
 import importlib
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
 import lightning as L
@@ -55,6 +55,26 @@ def bits_per_byte(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return nats.view_as(x) / math.log(2)
 
 
+def strided_bits(bits_of: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """The paper's strided inference: bits float32 (B, T) spent on every byte of x (B, T), from two passes.
+
+    Within a patch the loss rises toward its last bytes. The second pass sees x offset by
+    ``patch_size // 2`` bytes, so each byte sits once in the first half of a patch; every byte takes
+    its bits from the pass where it does. ``bits_of``: LongTensor (B, T) -> bits (B, T) of one pass.
+    Costs two passes; the second sees ``patch_size // 2`` bytes less context at the window's start.
+    """
+    B, T = x.shape
+    half = patch_size // 2
+    first = bits_of(x)  # byte t at patch position t % P
+    if T <= half:  # no byte reaches the second half of its patch
+        return first
+    # Drop the first ``half`` bytes and zero-fill the end, so the shape (and a compiled graph) stays.
+    second = bits_of(F.pad(x[:, half:], (0, half)))  # byte t at position (t - half) % P, read at t - half
+    second = F.pad(second[:, : T - half], (half, 0))  # (B, T) realigned: second[:, t] is byte t's
+    late = torch.arange(T, device=x.device) % patch_size >= half  # (T,) the second half of each patch
+    return torch.where(late, second, first)
+
+
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Weight decay on the matrices of linear layers only; none on embeddings, pads, norms, biases."""
     decayed = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
@@ -97,6 +117,7 @@ class MegaByteLM(L.LightningModule):
         compile: bool | None = None,
         compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "reduce-overhead",
         skip_nonfinite: bool = False,
+        strided_eval: bool = False,
     ) -> None:
         """
         Args:
@@ -116,6 +137,10 @@ class MegaByteLM(L.LightningModule):
             skip_nonfinite: Skip a training step whose loss is NaN or infinite (no update; a warning
                 names it) instead of stopping (the FaultTolerance callback). Reads the loss on the
                 host every step: a synchronisation with the GPU.
+            strided_eval: Validate, test and predict with the paper's strided inference (MegaByte only):
+                two passes, the second offset by half a patch, each byte scored in the first half of a
+                patch (``strided_bits``). Twice the cost of evaluation; training is unchanged. Can be
+                switched on for a trained checkpoint: ``cli.py test --ckpt_path F --model.strided_eval true``.
         """
         super().__init__()
         if isinstance(arch, dict):  # from a checkpoint's hyperparameters
@@ -127,6 +152,8 @@ class MegaByteLM(L.LightningModule):
                 f"need lr > 0, weight_decay >= 0, warmup_steps >= 0 and 0 <= min_lr_ratio <= 1; got lr={lr}, "
                 f"weight_decay={weight_decay}, warmup_steps={warmup_steps}, min_lr_ratio={min_lr_ratio}"
             )
+        if strided_eval and not isinstance(arch, MegaByteConfig):
+            raise ValueError(f"strided_eval offsets MegaByte's patches; {type(arch).__name__} has none")
         self.save_hyperparameters()
         if isinstance(self.hparams["arch"], ModelConfig):  # keep checkpoints free of pickled objects
             self.hparams["arch"] = config_to_dict(arch)
@@ -177,13 +204,23 @@ class MegaByteLM(L.LightningModule):
         """x: LongTensor (B, T), values 0..255 -> logits (B, T, 256)."""
         return self.model(x)
 
-    def _bits(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        x, mask = batch
-        x = x.long()
+    def _bits_of(self, x: torch.Tensor) -> torch.Tensor:
+        """x: LongTensor (B, T) -> bits float32 (B, T), one pass of the model."""
         compiled = getattr(self.model, "_compiled_call_impl", None) is not None
         if compiled and self.hparams.compile_mode in ("reduce-overhead", "max-autotune"):  # CUDA graphs
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs are free to reuse
-        return self._bits_per_byte(self.model(x), x), mask
+        return self._bits_per_byte(self.model(x), x)
+
+    def _bits(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        x, mask = batch
+        return self._bits_of(x.long()), mask
+
+    def _eval_bits(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``_bits``, or with ``strided_eval`` the two passes of strided inference."""
+        if not self.hparams.strided_eval:
+            return self._bits(batch)
+        x, mask = batch
+        return strided_bits(self._bits_of, x.long(), self.config.patch_size), mask
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         bits, mask = self._bits(batch)
@@ -205,14 +242,14 @@ class MegaByteLM(L.LightningModule):
         self._eval_step(batch, self.test_bpb, "test/bpb")
 
     def _eval_step(self, batch: tuple[torch.Tensor, torch.Tensor], metric: MeanMetric, name: str) -> None:
-        bits, mask = self._bits(batch)
+        bits, mask = self._eval_bits(batch)
         # Weighted mean over bytes: at the end, total bits / total bytes of the whole split.
         metric.update(bits.double(), mask.double())
         self.log(name, metric, on_step=False, on_epoch=True, prog_bar=True)
 
     def predict_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
         """-> {"bits": float (B, T) bits spent on each byte, "mask": bool (B, T)}."""
-        bits, mask = self._bits(batch)
+        bits, mask = self._eval_bits(batch)
         return {"bits": bits, "mask": mask}
 
     def _fused_optimizer(self) -> bool:

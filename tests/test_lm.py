@@ -9,7 +9,7 @@ import torch.nn as nn
 from datamodules import TextDataModule
 from megabyte import MegaByteConfig, MegaByteLM
 from megabyte.compilation import FuseReluBackwardIntoMatmul, FuseReluIntoAddmm, ProductsInFloat32
-from megabyte.lm import bits_per_byte, lr_factor, parameter_groups
+from megabyte.lm import bits_per_byte, lr_factor, parameter_groups, strided_bits
 from tests.conftest import tiny_megabyte_config, tiny_transformer_config
 
 
@@ -63,6 +63,50 @@ def test_validate_matches_a_manual_pass_over_the_split(text_file, tmp_path):
             x = torch.from_numpy(val[start : start + 64].astype("int64"))[None]
             total_bits += bits_per_byte(lm.model(x), x).double().sum().item()
     assert result["val/bpb"] == pytest.approx(total_bits / len(val), rel=1e-6)
+
+
+@pytest.mark.parametrize("P", [4, 3, 8])
+def test_strided_bits_take_every_byte_from_the_pass_that_puts_it_early_in_its_patch(P):
+    T = 12
+    x = torch.randint(0, 256, (2, T))
+
+    def bits_of(inp: torch.Tensor) -> torch.Tensor:  # a pass's bits: the byte plus 1000 x its place in its patch
+        assert inp.shape == (2, T)  # both passes keep the shape (one compiled graph)
+        return inp.float() + 1000 * (torch.arange(T) % P)
+
+    place = torch.arange(T) % P
+    half = P // 2
+    place_read = torch.where(place >= half, place - half, place)  # the second pass sees x offset by P // 2
+    assert (place_read < (P + 1) // 2).all()
+    assert torch.equal(strided_bits(bits_of, x, P), x.float() + 1000 * place_read)
+
+
+def test_strided_validation_is_exact_over_the_split(text_file, tmp_path):
+    torch.manual_seed(0)
+    dm = TextDataModule(str(text_file), seq_len=64, batch_size=3, num_workers=0, cache_dir=str(tmp_path / "cache"))
+    lm = MegaByteLM(tiny_megabyte_config(), strided_eval=True)  # patch_size 4
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    (strided,) = trainer.validate(lm, dm)
+    lm.hparams.strided_eval = False
+    (plain,) = trainer.validate(lm, dm)
+    val = dm.splits["val"]
+    assert len(val) % 64 != 0  # a short last window
+    total_bits = 0.0
+    lm.eval()
+    with torch.no_grad():
+        for start in range(0, len(val), 64):
+            x = torch.from_numpy(val[start : start + 64].astype("int64"))[None]
+            bits = bits_per_byte(lm.model(x), x)[0]
+            later = x[:, 2:]  # the window without its first half patch
+            bits_later = bits_per_byte(lm.model(later), later)[0]
+            total_bits += sum(bits[t] if t % 4 < 2 else bits_later[t - 2] for t in range(x.shape[1])).item()
+    assert strided["val/bpb"] == pytest.approx(total_bits / len(val), rel=1e-6)
+    assert strided["val/bpb"] != pytest.approx(plain["val/bpb"], rel=1e-4)
+
+
+def test_strided_eval_needs_patches():
+    with pytest.raises(ValueError, match="strided_eval offsets MegaByte's patches; ByteTransformerConfig has none"):
+        MegaByteLM(tiny_transformer_config(), strided_eval=True)
 
 
 def test_parameter_groups_exclude_embeddings_norms_biases():
