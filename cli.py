@@ -221,6 +221,17 @@ class MegaByteCLI(LightningCLI):
         rank_zero_info(f"{len(samples)} samples of {sample_len} bytes ({prompts.shape[1]} of prompt) in {folder}")
         return written
 
+    RUN_OPTIONS = ("strided_eval", "compile", "compile_mode")
+    """Model options that change how a checkpoint's model runs, not what it is: the command line and a
+    config file keep them with ``--ckpt_path`` (Lightning forces the others from the checkpoint)."""
+
+    def _parse_ckpt_path(self) -> None:
+        subcommand = self.config.get("subcommand")
+        chosen = {k: self.config[f"{subcommand}.model.{k}"] for k in self.RUN_OPTIONS} if subcommand else {}
+        super()._parse_ckpt_path()
+        for k, v in chosen.items():
+            self.config[f"{subcommand}.model.{k}"] = v
+
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         # A checkpoint's hyperparameters become defaults: a config file and the command line
         # still override those of the data (Lightning then forces the model's from the checkpoint).

@@ -93,6 +93,11 @@ def test_checkpoint_alone_rebuilds_model_and_data(text_file, tmp_path, monkeypat
     cli = main(["test", f"--ckpt_path={last}", quiet])
     assert cli.model.config.d_global == 32 and cli.model.config.max_seq_len == 32
     assert cli.datamodule.path == str(text_file)
+    # Strided inference is an evaluation option: it can be switched on for a trained checkpoint.
+    strided = main(["test", f"--ckpt_path={last}", quiet, "--model.strided_eval=true"])
+    assert strided.model.hparams.strided_eval and not cli.model.hparams.strided_eval
+    plain_bpb, strided_bpb = (c.trainer.callback_metrics["test/bpb"].item() for c in (cli, strided))
+    assert 0 < strided_bpb < 9 and strided_bpb != pytest.approx(plain_bpb, rel=1e-4)
     validated = main(["validate", f"--ckpt_path={last}", quiet])
     assert validated.trainer.callback_metrics["val/bpb"].item() > 0
     predicted = main(["predict", f"--ckpt_path={last}", quiet, "--trainer.limit_predict_batches=2",
