@@ -18,10 +18,11 @@ from typing import Any
 import torch
 import yaml
 from jsonargparse import Namespace
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from callbacks.checkpoint import ModelCheckpoint
 from callbacks.fault_tolerance import FaultTolerance
 from callbacks.predictions import BitsWriter
 from callbacks.samples import SampleCallback, check_sample_options, generate_samples, validation_prompts

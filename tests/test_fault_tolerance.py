@@ -14,6 +14,7 @@ import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from callbacks.checkpoint import ModelCheckpoint
 from callbacks.fault_tolerance import AtomicCheckpointIO
 from cli import main
 from datamodules import TextDataModule
@@ -203,3 +204,34 @@ def test_skip_nonfinite_skips_the_step_and_trains_on(text_file, tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(w[2], w[3]))  # the NaN step changed nothing
     assert not all(torch.equal(a, b) for a, b in zip(w[3], w[4]))  # the next one trained
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+class WorseEachValidation(L.LightningModule):
+    """A one-weight model whose logged val/bpb grows with every validation: none after the first improves."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(1))
+
+    def training_step(self, batch, batch_idx):
+        return (self.weight * batch[0]).sum()
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val/bpb", float(self.global_step))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_last_checkpoint_is_the_latest_state_when_validation_does_not_improve_and_at_the_end(tmp_path):
+    # Lightning 2.6 writes last.ckpt only when a top-k checkpoint is saved at the same step.
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.ones(8, 1)), batch_size=1)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, monitor="val/bpb", save_top_k=1, save_last=True, filename="best")
+    trainer = L.Trainer(max_steps=7, val_check_interval=2, callbacks=[checkpoint], logger=False, accelerator="cpu",
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)  # fmt: skip
+    trainer.fit(WorseEachValidation(), data, data)
+    assert torch.load(tmp_path / "best.ckpt", weights_only=True)["global_step"] == 2  # the best val/bpb
+    last = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    # Validations at steps 2, 4 and 6; the 7th step comes after the last one and is kept too.
+    assert last["global_step"] == 7 and last["state_dict"]["weight"].item() == pytest.approx(1 - 0.1 * 7)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.ckpt", "last.ckpt"]
