@@ -1,11 +1,20 @@
 """The benchmark scripts run on the CPU with a tiny config, so CI keeps them working (no timing is checked)."""
 
+import bz2
 import json
+import lzma
+import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+import torch
 
+from benchmarks import quality
+from megabyte import MegaByteLM
+from megabyte.flops import training_flops_per_byte
+from megabyte.lm import bits_per_byte
 from tests.conftest import REPO
 
 TINY = [
@@ -61,3 +70,107 @@ def test_short_attention_speed_checks_every_variant(tmp_path, monkeypatch):
         assert r["forward_ms"] > 0 and r["forward_backward_ms"] > 0
         assert r["error_out"] < 1e-6 and r["error_grad"] < 1e-6
     assert stdout.splitlines()[-1].startswith("| Triton tile 128 warps 4 |")
+
+
+TINY_TRANSFORMER = [
+    "--model.arch.init_args.d_model=32", "--model.arch.init_args.n_layers=1", "--model.arch.init_args.n_heads=2",
+    *(arg for arg in TINY if not arg.startswith("--model.")),
+]  # fmt: skip
+
+
+def quality_main(*args: str) -> None:
+    """benchmarks/quality.py in this process (the tiny runs take seconds; a new interpreter would double that)."""
+    quality.cli_main([str(arg) for arg in args])
+
+
+def compressed(command: list[str], data: bytes) -> bytes:
+    return subprocess.run(command, input=data, capture_output=True, check=True).stdout
+
+
+def xz(data: bytes) -> bytes:
+    """Byte for byte what ``xz -9e -T1`` writes (as ``bz2.compress(data, 9)`` is what ``bzip2 -9`` writes)."""
+    return lzma.compress(data, preset=9 | lzma.PRESET_EXTREME)
+
+
+def test_quality_compressors_compress_the_datamodules_test_split(text_file, tmp_path, monkeypatch, capsys):
+    data = text_file.read_bytes()
+    n = len(data)
+    train, test = data[: n * 8 // 10], data[n * 9 // 10 :]  # split 0.8 / 0.1 / 0.1, by hand
+    which = shutil.which
+    monkeypatch.setattr(quality.shutil, "which", lambda tool: None if tool == "zstd" else which(tool))
+    quality_main("compressors", f"--data={text_file}", f"--out={tmp_path}", "--split", "0.8", "0.1", "0.1",
+                 f"--cache_dir={tmp_path / 'cache'}")  # fmt: skip
+    results = {c["tool"]: c for c in json.loads((tmp_path / "compressors.json").read_text())}
+    assert all(c["test_bytes"] == len(test) for c in results.values())
+    expected = {
+        "xz": len(xz(test)),
+        "xz, training split first": len(xz(train + test)) - len(xz(train)),
+        "bzip2": len(bz2.compress(test, 9)),
+        "gzip": len(compressed(["gzip", "-9"], test)),
+    }
+    for tool, size in expected.items():
+        assert results[tool]["bits_per_byte"] == 8 * size / len(test), tool
+    assert 0 < results["xz, training split first"]["bits_per_byte"] < results["xz"]["bits_per_byte"]
+    assert results["zstd"]["bits_per_byte"] is None and results["zstd"]["note"] == "zstd is not installed: skipped"
+    printed = capsys.readouterr().out
+    assert "zstd (zstd --ultra -22): zstd is not installed: skipped" in printed
+    gzip_bpb = 8 * expected["gzip"] / len(test)
+    assert f"gzip (gzip -9): {gzip_bpb:.4f} bits per byte on {len(test):,} test bytes" in printed
+
+
+def test_quality_trains_both_models_tests_them_and_tabulates(text_file, tmp_path, capsys):
+    out, cache = tmp_path / "results", tmp_path / "cache"
+    # 4 optimizer steps, a validation every 2 (the configs' split: 0.96 / 0.02 / 0.02)
+    schedule = ["--trainer.max_steps=4", "--trainer.max_time=null", "--trainer.val_check_interval=2",
+                "--trainer.limit_val_batches=2", f"--data.path={text_file}", f"--data.cache_dir={cache}"]  # fmt: skip
+    quality_main("train", "--config=configs/quickstart.yaml", f"--out={out}", *TINY, *schedule)
+    quality_main("train", "--config=configs/transformer-baseline.yaml", f"--out={out}", *TINY_TRANSFORMER, *schedule)
+    quality_main("compressors", f"--data={text_file}", f"--out={out}", "--split", "0.96", "0.02", "0.02",
+                 f"--cache_dir={cache}")  # fmt: skip
+    capsys.readouterr()
+    megabyte = json.loads((out / "quickstart.json").read_text())  # DIR/<config stem>.json
+    transformer = json.loads((out / "transformer-baseline.json").read_text())
+    data = text_file.read_bytes()
+    test = data[len(data) * 98 // 100 :]
+
+    for r in (megabyte, transformer):
+        assert r["steps"] == 4 and r["checkpoint_step"] == 4 and r["bytes_seen"] == 4 * 2 * 64  # steps x batch x T
+        assert [(p["step"], p["bytes"]) for p in r["val_curve"]] == [(1, 2 * 2 * 64), (3, 4 * 2 * 64)]
+        seconds = [p["seconds"] for p in r["val_curve"]]
+        assert 0 < seconds[0] < seconds[1] < r["fit_seconds"] and all(0 < p["bpb"] < 9 for p in r["val_curve"])
+        assert r["test_bytes"] == len(test) and r["test_seconds"] > 0 and r["peak_memory_gib"] is None
+    assert (megabyte["model"], transformer["model"]) == ("MegaByte", "ByteTransformer")
+    assert 0 < transformer["test_bpb"] < 9 and transformer["strided_test_bpb"] is None
+
+    # Test bpb is exact over the whole test split, of the checkpoint the fit wrote last: a pass by hand.
+    lm = MegaByteLM.load_from_checkpoint(megabyte["checkpoint"], map_location="cpu").eval()
+    with torch.no_grad():
+        windows = [torch.tensor(list(test[i : i + 64]))[None] for i in range(0, len(test), 64)]
+        total_bits = sum(bits_per_byte(lm.model(x), x).sum().item() for x in windows)
+    assert megabyte["test_bpb"] == pytest.approx(total_bits / len(test), rel=1e-6)
+    strided = megabyte["strided_test_bpb"]
+    assert 0 < strided < 9 and strided != pytest.approx(megabyte["test_bpb"], rel=1e-5)
+    assert megabyte["strided_test_seconds"] > 0
+    # Where in its patches the model spends its bits: predict's bits of the same split, by position.
+    bits = np.load(out / "quickstart_test_bits.npy")
+    assert bits.shape == (len(test),) and bits.mean(dtype=np.float64) == pytest.approx(megabyte["test_bpb"], rel=1e-5)
+    P = lm.config.patch_size
+    assert megabyte["test_bpb_by_patch_position"] == pytest.approx([bits[p::P].mean() for p in range(P)], rel=1e-5)
+    assert transformer["test_bpb_by_patch_position"] is None
+    assert megabyte["training_flops_per_byte"] == training_flops_per_byte(lm.config, 64)
+    assert megabyte["parameters"] == sum(p.numel() for p in lm.model.parameters())
+    compressors = {c["tool"]: c for c in json.loads((out / "compressors.json").read_text())}
+    if shutil.which("zstd"):  # the other tools: test_quality_compressors_compress_the_datamodules_test_split
+        zstd = compressed(["zstd", "--ultra", "-22"], test)
+        assert compressors["zstd"]["bits_per_byte"] == 8 * len(zstd) / len(test)
+
+    quality_main("table", out)
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line.split(" | ") for line in lines if line.startswith("| ")]
+    names = [row[:2] for row in rows[1:3]]
+    assert names == [["| quickstart", "MegaByte"], ["| transformer-baseline", "ByteTransformer"]]
+    assert rows[1][4:6] == ["4", "512"] and rows[1][8:10] == [f"{megabyte['test_bpb']:.4f}", f"{strided:.4f}"]
+    assert len(rows) == 1 + 2 + 5 and all(row[1] == "compressor" for row in rows[3:])
+    assert rows[4][0] == "| `xz -9e -T1` given the training split"
+    assert f"- test split: {len(test):,} bytes, the same for every row" in lines
+    assert (out / "val_bpb.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

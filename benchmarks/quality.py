@@ -1,0 +1,373 @@
+"""Compute-matched quality: MegaByte against the byte Transformer, and general-purpose compressors.
+
+Three subcommands, each usable alone (each model's ``train`` fits in one 10-minute GPU job)::
+
+    python benchmarks/quality.py train --config configs/bench/quality/text-megabyte.yaml --out results \\
+        --data.path $MEGABYTE_DATA/text/docs-prose.txt.gz
+    python benchmarks/quality.py train --config configs/bench/quality/text-transformer.yaml --out results \\
+        --data.path $MEGABYTE_DATA/text/docs-prose.txt.gz
+    python benchmarks/quality.py compressors --data $MEGABYTE_DATA/text/docs-prose.txt.gz --out results
+    python benchmarks/quality.py table results --plot results/val_bpb.png
+
+``train`` fits a config through the product's own path (``cli.main(["fit", ...])``; extra arguments go
+to the CLI unchanged), then tests the checkpoint it wrote last on the whole test split through
+``cli.main(["test", "--ckpt_path", ...])``: plainly and, for MegaByte, with the paper's strided
+inference (``--model.strided_eval true``, two passes). It writes ``DIR/<name>.json`` (name: the
+config's stem): FLOPs per byte (``megabyte.flops``), optimizer steps, bytes seen, wall-clock, the
+val bpb curve from the run's TensorBoard events, test bpb and the seconds each test took. Logs and
+checkpoints go to ``DIR/<name>/version_<n>/``. ``last.ckpt`` is written at validations, so a run that
+stops between two is tested as of the last one (``checkpoint_step``); in a 10-minute job, the config's
+``max_time`` must leave time for the test passes.
+
+``compressors`` compresses the same test split (the TextDataModule's own split of the file; ``--split``
+must be the configs' ``data.split``) with ``xz -9e``, alone and given the training split first,
+``zstd --ultra -22``, ``bzip2 -9`` and ``gzip -9``, into ``DIR/compressors.json``. It needs no GPU.
+A tool that is not installed is skipped with a note.
+
+``table`` prints every result in ``DIR`` as one Markdown table, in the manner of the paper's Table 2,
+and plots val bpb against bytes seen and against wall-clock (``--plot``, a PNG).
+"""
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from cli import MegaByteCLI, main
+from datamodules import TextDataModule
+from megabyte import MegaByteConfig
+from megabyte.flops import forward_flops_per_byte, training_flops_per_byte
+
+COMPRESSORS_JSON = "compressors.json"
+
+# -- train: fit, test, curve ---------------------------------------------------------------------
+
+
+def data_arguments(overrides: list[str]) -> list[str]:
+    """The ``--data.*`` arguments among ``overrides``, written ``--data.x=v`` or ``--data.x v``."""
+    chosen = []
+    for i, arg in enumerate(overrides):
+        if arg.partition("=")[0].partition(".")[0] != "--data":
+            continue
+        chosen.append(arg)
+        if "=" not in arg and i + 1 < len(overrides) and not overrides[i + 1].startswith("--"):
+            chosen.append(overrides[i + 1])
+    return chosen
+
+
+def val_curve(log_dir: str, bytes_per_step: int, started: float) -> list[dict[str, float]]:
+    """``val/bpb`` of a run's TensorBoard events: one point per validation, with the bytes seen before
+    it and the seconds since ``started`` (a ``time.time()``) when it was logged.
+
+    Lightning logs a validation's metrics at the step of the last optimizer step before it, counted
+    from 0 (like that step's ``train/loss``): a validation after N optimizer steps is logged at step
+    N - 1, so the bytes seen are (step + 1) x the bytes of one optimizer step.
+    """
+    events = EventAccumulator(log_dir, size_guidance={"scalars": 0})  # 0: keep every point
+    events.Reload()
+    return [
+        {"step": e.step, "bytes": (e.step + 1) * bytes_per_step, "seconds": e.wall_time - started, "bpb": e.value}
+        for e in events.Scalars("val/bpb")
+    ]
+
+
+def run_cli(args: list[str]) -> MegaByteCLI:
+    """``cli.main(args)`` after clearing torch.compile's caches: every CLI call builds and compiles a new
+    model, and dynamo counts those compilations against its limit of 8 per code object (the fit, its
+    validation and the test calls of one run exceed it). Compiled kernels stay in inductor's disk cache."""
+    torch._dynamo.reset()
+    return main(args)
+
+
+def evaluate(ckpt: str, arguments: list[str], strided: bool) -> tuple[float, float]:
+    """(test bpb over the whole test split, seconds of the call) of ``cli.py test --ckpt_path ckpt``,
+    logged as version "plain" or "strided". The seconds include building the model and the data and,
+    on a GPU, compiling."""
+    version = "strided" if strided else "plain"
+    start = time.perf_counter()
+    cli = run_cli(["test", f"--ckpt_path={ckpt}", *arguments, f"--trainer.logger.init_args.version={version}",
+                f"--model.strided_eval={strided}"])  # fmt: skip
+    seconds = time.perf_counter() - start
+    return cli.trainer.callback_metrics["test/bpb"].item(), seconds
+
+
+def bpb_by_patch_position(ckpt: str, arguments: list[str], patch_size: int, path: Path) -> list[float]:
+    """Test bpb of the plain pass at each position of a patch (0..P-1), from the bits ``cli.py predict``
+    writes to ``path``: where in its patches the model spends its bits, which decides what strided
+    inference gains. Windows start at multiples of seq_len (a multiple of P): byte i sits at i % P."""
+    run_cli(["predict", f"--ckpt_path={ckpt}", *arguments, "--trainer.logger.init_args.version=predict",
+          f"--predictions.path={path}", "--model.strided_eval=false"])  # fmt: skip
+    bits = np.load(path)
+    return [float(bits[p::patch_size].mean(dtype=np.float64)) for p in range(patch_size)]
+
+
+def train(config: str, out: Path, name: str, overrides: list[str]) -> dict[str, Any]:
+    """Fit ``config`` (with the CLI ``overrides``), test its last checkpoint, return the figures."""
+    run_folder = [
+        f"--trainer.logger.init_args.save_dir={out}", f"--trainer.logger.init_args.name={name}",
+        f"--trainer.default_root_dir={out / name}", "--trainer.enable_progress_bar=false",
+    ]  # fmt: skip
+    started, start = time.time(), time.perf_counter()
+    cli = run_cli(["fit", f"--config={config}", *overrides, *run_folder])
+    fit_seconds = time.perf_counter() - start
+    trainer, datamodule, lm = cli.trainer, cli.datamodule, cli.model
+    device = trainer.strategy.root_device  # the model itself is back on the CPU after fit
+    peak_memory = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    bytes_per_step = datamodule.batch_size * datamodule.seq_len * trainer.accumulate_grad_batches * trainer.world_size
+    curve = val_curve(trainer.logger.log_dir, bytes_per_step, started)
+
+    # The model and the data come from the checkpoint (the --data.* arguments given again hold the same
+    # values); the Trainer does not: test on the fit's kind of device and precision, on one device (a
+    # DistributedSampler would repeat windows to even out the shards), logged inside the run's folder.
+    ckpt = trainer.checkpoint_callback.last_model_path
+    ckpt_step = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)["global_step"]
+    test_trainer = [
+        f"--trainer.accelerator={device.type}", "--trainer.devices=1", f"--trainer.precision={trainer.precision}",
+        f"--trainer.logger.init_args.save_dir={trainer.logger.log_dir}", "--trainer.logger.init_args.name=test",
+        f"--trainer.default_root_dir={trainer.logger.log_dir}", "--trainer.enable_progress_bar=false",
+        f"--checkpoint.dirpath={Path(ckpt).parent}",  # the fit's (a test saves none): its state restores quietly
+    ]  # fmt: skip
+    arguments = [*data_arguments(overrides), *test_trainer]
+    test_bpb, test_seconds = evaluate(ckpt, arguments, strided=False)
+    strided_bpb = strided_seconds = by_position = None
+    if isinstance(lm.config, MegaByteConfig):  # the ByteTransformer has no patches to offset
+        strided_bpb, strided_seconds = evaluate(ckpt, arguments, strided=True)
+        by_position = bpb_by_patch_position(ckpt, arguments, lm.config.patch_size, out / f"{name}_test_bits.npy")
+    forward = forward_flops_per_byte(lm.config, datamodule.seq_len)
+    return {
+        "name": name,
+        "config": config,
+        "overrides": overrides,
+        "model": type(lm.model).__name__,
+        "parameters": sum(p.numel() for p in lm.model.parameters()),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "precision": str(trainer.precision),
+        "batch": datamodule.batch_size,
+        "seq_len": datamodule.seq_len,
+        "accumulate_grad_batches": trainer.accumulate_grad_batches,
+        "world_size": trainer.world_size,
+        "fit_seconds": fit_seconds,
+        "steps": trainer.global_step,
+        "bytes_seen": trainer.global_step * bytes_per_step,
+        "training_flops_per_byte": training_flops_per_byte(lm.config, datamodule.seq_len),
+        "forward_flops_per_byte": forward.linear + forward.attention + forward.short_attention,
+        "val_curve": curve,
+        "checkpoint": ckpt,
+        "checkpoint_step": ckpt_step,  # last.ckpt is written at validations: the last one's step
+        "test_bytes": len(datamodule.splits["test"]) if isinstance(datamodule, TextDataModule) else None,
+        "test_bpb": test_bpb,
+        "test_seconds": test_seconds,
+        "strided_test_bpb": strided_bpb,  # two passes: twice the forward FLOPs per byte
+        "strided_test_seconds": strided_seconds,
+        "test_bpb_by_patch_position": by_position,  # the plain pass; MegaByte only
+        "peak_memory_gib": peak_memory,
+        "date": datetime.now().astimezone().isoformat(timespec="seconds"),
+    }
+
+
+# -- compressors ---------------------------------------------------------------------------------
+
+COMPRESSORS = (
+    ("xz", ["xz", "-9e", "-T1"], False),
+    ("xz, training split first", ["xz", "-9e", "-T1"], True),
+    ("zstd", ["zstd", "--ultra", "-22"], False),
+    ("bzip2", ["bzip2", "-9"], False),
+    ("gzip", ["gzip", "-9"], False),
+)
+"""(name, command, given the training split first). xz -9's dictionary is 64 MiB: given a longer
+training split, the test bytes can refer back to its last 64 MiB only."""
+
+
+def compressed_size(command: list[str], data: bytes) -> int:
+    """Bytes ``command`` writes to stdout when given ``data`` on stdin."""
+    return len(subprocess.run(command, input=data, stdout=subprocess.PIPE, stderr=subprocess.PIPE, check=True).stdout)
+
+
+def compressed_test_split(command: list[str], train: bytes, test: bytes, given_train: bool) -> int:
+    """Compressed bytes of the test split: alone, or what it adds to the compressed training split."""
+    if not given_train:
+        return compressed_size(command, test)
+    return compressed_size(command, train + test) - compressed_size(command, train)
+
+
+def compressors(data: str, split: tuple[float, float, float], cache_dir: str | None) -> list[dict[str, Any]]:
+    """Bits per byte of each compressor on the test split: the TextDataModule's own split of ``data``."""
+    datamodule = TextDataModule(data, seq_len=1, split=split, num_workers=0, cache_dir=cache_dir)
+    datamodule.prepare_data()
+    datamodule.setup("test")
+    train, test = (datamodule.splits[s].tobytes() for s in ("train", "test"))
+    installed = [c for c in COMPRESSORS if shutil.which(c[1][0])]
+    with ThreadPoolExecutor(max(1, len(installed))) as pool:  # single-threaded tools: run them side by side
+        sizes = pool.map(lambda c: compressed_test_split(c[1], train, test, c[2]), installed)
+        costs = {name: size for (name, _, _), size in zip(installed, sizes)}
+    results = []
+    for name, command, given_train in COMPRESSORS:
+        result = {"tool": name, "command": " ".join(command), "given_training_split": given_train,
+                  "data": data, "split": split, "test_bytes": len(test), "train_bytes": len(train)}  # fmt: skip
+        if name in costs:
+            result.update(compressed_bytes=costs[name], bits_per_byte=8 * costs[name] / len(test))
+        else:
+            result.update(bits_per_byte=None, note=f"{command[0]} is not installed: skipped")
+        results.append(result)
+    return results
+
+
+# -- table and plot ------------------------------------------------------------------------------
+
+
+def read_results(folder: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(runs, compressors): the JSON of every ``train`` in ``folder`` (sorted by file name; other JSON
+    files are left out) and the rows of compressors.json."""
+    results = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json")) if p.name != COMPRESSORS_JSON]
+    runs = [r for r in results if isinstance(r, dict) and "val_curve" in r]
+    compressor_file = folder / COMPRESSORS_JSON
+    return runs, json.loads(compressor_file.read_text()) if compressor_file.is_file() else []
+
+
+def si(x: float) -> str:
+    """3 significant digits and an SI prefix: 3.61 M, 1.02 G."""
+    for prefix, scale in (("E", 1e18), ("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.3g} {prefix}"
+    return f"{x:.3g}"
+
+
+def minutes(seconds: float) -> str:
+    return f"{int(seconds // 60)} min {seconds % 60:.0f} s"
+
+
+def bpb(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4f}"
+
+
+def eval_seconds(r: dict[str, Any]) -> str:
+    strided = "-" if r["strided_test_seconds"] is None else f"{r['strided_test_seconds']:.1f}"
+    return f"{r['test_seconds']:.1f} / {strided}"
+
+
+HEADER = (
+    "| run | model | parameters | training FLOPs/byte | steps | bytes seen | training FLOPs | training wall-clock "
+    "| test bpb | strided test bpb | test eval s (plain / strided) |\n|---|---|---|---|---|---|---|---|---|---|---|"
+)
+
+
+def table(runs: list[dict[str, Any]], compressor_rows: list[dict[str, Any]]) -> str:
+    """A Markdown table: a row per run, then a row per compressor (bits per byte of the same test split)."""
+    rows = [HEADER]
+    for r in runs:
+        rows.append(
+            f"| {r['name']} | {r['model']} | {si(r['parameters'])} | {si(r['training_flops_per_byte'])} "
+            f"| {r['steps']:,} | {si(r['bytes_seen'])} | {si(r['training_flops_per_byte'] * r['bytes_seen'])} "
+            f"| {minutes(r['fit_seconds'])} | {bpb(r['test_bpb'])} | {bpb(r['strided_test_bpb'])} | {eval_seconds(r)} |"
+        )
+    for c in compressor_rows:
+        rows.append(f"| `{c['command']}`{' given the training split' if c['given_training_split'] else ''} "
+                    f"| compressor | - | - | - | - | - | - | {bpb(c['bits_per_byte'])} | - | - |")  # fmt: skip
+    return "\n".join(rows)
+
+
+def notes(runs: list[dict[str, Any]], compressor_rows: list[dict[str, Any]]) -> list[str]:
+    """Lines under the table: each run's device, precision and date; skipped tools; the test split."""
+    lines = []
+    for r in runs:
+        memory = "" if r["peak_memory_gib"] is None else f", peak {r['peak_memory_gib']:.1f} GiB"
+        lines.append(f"- {r['name']}: {r['device']}, {r['precision']}{memory}, batch {r['batch']} x {r['seq_len']} "
+                     f"bytes, tested at step {r['checkpoint_step']:,}, {r['date']}")  # fmt: skip
+    lines += [f"- {c['tool']}: {c['note']}" for c in compressor_rows if c.get("note")]
+    test_bytes = {r["test_bytes"] for r in runs} | {c["test_bytes"] for c in compressor_rows}
+    if len(test_bytes) == 1 and None not in test_bytes:
+        lines.append(f"- test split: {test_bytes.pop():,} bytes, the same for every row")
+    elif test_bytes:
+        lines.append(f"- WARNING: the rows' test splits differ ({sorted(test_bytes, key=str)} bytes)")
+    return lines
+
+
+def plot(runs: list[dict[str, Any]], path: Path) -> None:
+    """One PNG: val bpb against bytes seen (left) and against wall-clock seconds of the fit (right)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (by_bytes, by_seconds) = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for r in runs:
+        points = r["val_curve"]
+        label = f"{r['name']} ({r['model']})"
+        by_bytes.plot([p["bytes"] for p in points], [p["bpb"] for p in points], marker="o", label=label)
+        by_seconds.plot([p["seconds"] for p in points], [p["bpb"] for p in points], marker="o", label=label)
+    by_bytes.set(xlabel="bytes seen", ylabel="val bpb", title="val bpb against bytes seen")
+    by_seconds.set(xlabel="wall-clock since the fit started (s)", title="val bpb against wall-clock")
+    for ax in (by_bytes, by_seconds):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# -- command line --------------------------------------------------------------------------------
+
+
+def cli_main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    subcommands = parser.add_subparsers(dest="subcommand", required=True)
+    train_parser = subcommands.add_parser("train", allow_abbrev=False, help="fit a config, test its checkpoint")
+    train_parser.add_argument("--config", required=True)
+    train_parser.add_argument("--out", required=True, type=Path, help="folder of the results")
+    train_parser.add_argument("--name", help="name of the run; default: the config file's stem")
+    compressor_parser = subcommands.add_parser("compressors", allow_abbrev=False, help="compress the test split")
+    compressor_parser.add_argument("--data", required=True, help="the corpus, as --data.path of TextDataModule")
+    compressor_parser.add_argument("--out", required=True, type=Path, help="folder of the results")
+    compressor_parser.add_argument("--split", type=float, nargs=3, default=(0.9, 0.05, 0.05), help="train / val / test")
+    compressor_parser.add_argument("--cache_dir", help="TextDataModule's cache_dir (default: its default)")
+    table_parser = subcommands.add_parser("table", allow_abbrev=False, help="print the table, plot the val curves")
+    table_parser.add_argument("folder", type=Path)
+    table_parser.add_argument("--plot", type=Path, help="the PNG; default FOLDER/val_bpb.png")
+    args, overrides = parser.parse_known_args(argv)
+    if overrides and args.subcommand != "train":
+        parser.error(f"unrecognized arguments: {' '.join(overrides)}")
+
+    if args.subcommand == "train":
+        # cli.main gets its arguments from here, not from this script's command line
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+        name = args.name or Path(args.config).stem
+        args.out.mkdir(parents=True, exist_ok=True)
+        r = train(args.config, args.out, name, overrides)
+        (args.out / f"{name}.json").write_text(json.dumps(r, indent=1) + "\n")
+        strided = "" if r["strided_test_bpb"] is None else f" (strided {r['strided_test_bpb']:.4f})"
+        last_val = f"{r['val_curve'][-1]['bpb']:.4f}" if r["val_curve"] else "-"
+        print(f"{name}: {r['model']} {si(r['parameters'])} parameters, {r['steps']:,} steps, "
+              f"{si(r['bytes_seen'])} bytes in {minutes(r['fit_seconds'])}; val bpb {last_val}; "
+              f"test bpb {r['test_bpb']:.4f}{strided} -> {args.out / f'{name}.json'}")  # fmt: skip
+    elif args.subcommand == "compressors":
+        results = compressors(args.data, tuple(args.split), args.cache_dir)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / COMPRESSORS_JSON).write_text(json.dumps(results, indent=1) + "\n")
+        for c in results:
+            figure = f"{c['bits_per_byte']:.4f} bits per byte" if c["bits_per_byte"] is not None else c["note"]
+            print(f"{c['tool']} ({c['command']}): {figure} on {c['test_bytes']:,} test bytes")
+    else:
+        runs, compressor_rows = read_results(args.folder)
+        if not runs and not compressor_rows:
+            sys.exit(f"no results in {args.folder}")
+        print(table(runs, compressor_rows))
+        print("\n".join(notes(runs, compressor_rows)))
+        if runs:
+            plot_path = args.plot or args.folder / "val_bpb.png"
+            plot(runs, plot_path)
+            print(f"plot: {plot_path}")
+
+
+if __name__ == "__main__":
+    cli_main()
