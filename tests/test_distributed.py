@@ -10,17 +10,20 @@ import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
+from unittest.mock import Mock
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
+from lightning.pytorch.strategies import FSDPStrategy
 from torch.utils.data import DistributedSampler
 
 from datamodules import TextDataModule
 from datamodules.windows import ResumableSampler
+from megabyte import MegaByteLM
 from tests import ddp_run
-from tests.conftest import REPO
+from tests.conftest import REPO, tiny_megabyte_config
 
 
 @pytest.fixture
@@ -98,6 +101,15 @@ def test_a_checkpoint_of_several_processes_resumes_with_as_many(corpus, tmp_path
     data.load_state_dict(state)
     with pytest.raises(ValueError, match="run by 2 processes; resume it with as many .* not 1"):
         as_process(data, 1, 0).train_dataloader()
+
+
+def test_under_fsdp_the_gradient_norm_is_fsdps_over_all_shards():
+    """torch's clip_grad_norm_ would take the norm of this process's shard only (FSDP needs a GPU: the
+    call is checked, not run)."""
+    lm = MegaByteLM(tiny_megabyte_config())
+    lm._trainer = SimpleNamespace(strategy=FSDPStrategy(), model=Mock())
+    lm.configure_gradient_clipping(Mock(), gradient_clip_val=0.5, gradient_clip_algorithm="norm")
+    lm._trainer.model.clip_grad_norm_.assert_called_once_with(0.5)
 
 
 @pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="no gloo backend")
