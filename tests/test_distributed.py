@@ -16,12 +16,16 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-from lightning.pytorch.strategies import FSDPStrategy
+import yaml
+from jsonargparse import ArgumentParser
+from lightning.pytorch.strategies import FSDPStrategy, Strategy
+from torch.distributed.fsdp import ShardingStrategy
 from torch.utils.data import DistributedSampler
 
 from datamodules import TextDataModule
 from datamodules.windows import ResumableSampler
 from megabyte import MegaByteLM
+from megabyte.model import Block
 from tests import ddp_run
 from tests.conftest import REPO, tiny_megabyte_config
 
@@ -101,6 +105,17 @@ def test_a_checkpoint_of_several_processes_resumes_with_as_many(corpus, tmp_path
     data.load_state_dict(state)
     with pytest.raises(ValueError, match="run by 2 processes; resume it with as many .* not 1"):
         as_process(data, 1, 0).train_dataloader()
+
+
+def test_the_fsdp_config_shards_every_block():
+    """The strategy block of configs/distributed/fsdp.yaml, built as the CLI builds it (the CLI's tests
+    run every config on one CPU process, with the default strategy)."""
+    config = yaml.safe_load((REPO / "configs" / "distributed" / "fsdp.yaml").read_text())
+    parser = ArgumentParser()
+    parser.add_argument("--strategy", type=Strategy)
+    strategy = parser.instantiate(parser.parse_object({"strategy": config["trainer"]["strategy"]})).strategy
+    assert isinstance(strategy, FSDPStrategy) and strategy.sharding_strategy == ShardingStrategy.FULL_SHARD
+    assert strategy.kwargs["auto_wrap_policy"]._module_classes == {Block} and strategy._state_dict_type == "full"
 
 
 def test_under_fsdp_the_gradient_norm_is_fsdps_over_all_shards():
