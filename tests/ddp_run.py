@@ -1,9 +1,11 @@
 """Train a tiny MegaByte a few steps and validate twice, on one process or under DDP on the CPU.
 
 ``python -m tests.ddp_run CORPUS OUT_DIR DEVICES BATCH_SIZE`` (from the repository root): with
-DEVICES > 1 Lightning's ``ddp`` strategy starts the other processes (gloo) by running this command
-again. Every process writes ``OUT_DIR/rank<r>.json``: the windows of each training batch it saw, the
-bytes each validation counted and the val/bpb each validation gave (synced over the processes).
+DEVICES > 1 Lightning's ``ddp`` strategy (gloo) starts the other processes by running this command
+again, unless they are started from outside, each with its ``LOCAL_RANK`` and ``MASTER_ADDR``,
+``MASTER_PORT``, ``NODE_RANK`` and ``WORLD_SIZE`` in the environment, as torchrun or SLURM do. Every
+process writes ``OUT_DIR/rank<r>.json``: the windows of each training batch it saw, the bytes each
+validation counted and the val/bpb each validation gave (synced over the processes).
 """
 
 import json

@@ -1,13 +1,17 @@
 """Several processes (DDP, FSDP): every evaluation byte counted once, training passes shared out.
 
-The DDP test runs 2 processes on the CPU (gloo) through Lightning's own launcher; the others are pure
-and give the DataModule the data-parallel size and rank a Trainer would.
+The DDP test runs 2 processes on the CPU (gloo), started together as a cluster launcher (torchrun,
+SLURM) starts them: Lightning's own launcher would start the second only once the first has imported
+everything, twice the time. The other tests are pure: they give the DataModule the data-parallel size
+and rank a Trainer would.
 """
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from unittest.mock import Mock
@@ -97,7 +101,8 @@ def test_a_checkpoint_of_several_processes_resumes_with_as_many(corpus, tmp_path
     data.setup("fit")
     loader = as_process(data, 2, 1, batches=3).train_dataloader()
     first = list(loader.sampler)
-    assert isinstance(loader.sampler, DistributedSampler) and len(loader.sampler) == len(data.splits["train"]) // 32 // 2
+    assert isinstance(loader.sampler, DistributedSampler)
+    assert len(loader.sampler) == len(data.splits["train"]) // 32 // 2  # each process's share of a pass
     state = data.state_dict()
     assert state == {"train_epoch": 0, "train_batches": 3, "train_processes": 2}
     data.load_state_dict(state)
@@ -127,6 +132,38 @@ def test_under_fsdp_the_gradient_norm_is_fsdps_over_all_shards():
     lm._trainer.model.clip_grad_norm_.assert_called_once_with(0.5)
 
 
+def run_ranks(command: list[str], n: int, tmp_path: Path, timeout: float = 120) -> None:
+    """Run ``command`` as the ``n`` processes of one DDP job on this machine, started together with the
+    environment a cluster launcher gives them; stop them all when one fails (the others would wait for
+    it) or time is up."""
+    with socket.socket() as s:  # a free port for the processes to meet on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port), "NODE_RANK": "0", "WORLD_SIZE": str(n)}  # fmt: skip
+    logs = [tmp_path / f"rank{r}.log" for r in range(n)]
+    processes = []
+    for r, log in enumerate(logs):
+        with log.open("w") as out:
+            rank_env = {**env, "LOCAL_RANK": str(r)}
+            processes.append(subprocess.Popen(command, cwd=REPO, env=rank_env, stdout=out, stderr=subprocess.STDOUT))
+    deadline = time.monotonic() + timeout
+    try:
+        while None in (codes := [p.poll() for p in processes]) and not any(codes):
+            assert time.monotonic() < deadline, f"the {n} processes did not finish in {timeout} s"
+            time.sleep(0.1)
+    finally:
+        for p in processes:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    failed = [
+        f"rank {r}, exit {p.returncode}: {log.read_text()[-2000:]}"
+        for r, (p, log) in enumerate(zip(processes, logs)) if p.returncode
+    ]  # fmt: skip
+    assert not failed, "\n".join(failed)
+
+
 @pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="no gloo backend")
 def test_ddp_on_two_cpu_processes_gives_the_val_bpb_of_one_process(corpus, tmp_path):
     """2 processes of batch 2 against 1 of batch 4: the same windows every step, each val byte once.
@@ -134,11 +171,8 @@ def test_ddp_on_two_cpu_processes_gives_the_val_bpb_of_one_process(corpus, tmp_p
     The val bpb agree to 1e-6 (2 float32 ulps at 8 bits; measured: 6e-8): the gradients are the same
     up to float32 rounding (a mean of 2 process means against one mean of 4 windows), and so are the
     weights after 4 steps."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     two = tmp_path / "two"
-    command = [sys.executable, "-m", "tests.ddp_run", str(corpus), str(two), "2", "2"]
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_ranks([sys.executable, "-m", "tests.ddp_run", str(corpus), str(two), "2", "2"], 2, tmp_path)
     ranks = [json.loads((two / f"rank{r}.json").read_text()) for r in range(2)]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the processes: the same float32 sums
