@@ -113,7 +113,8 @@ class ResumableSampler(DistributedSampler):
     num_replicas, ..., ``num_samples // num_replicas`` of them (the pass's last ``num_samples %
     num_replicas`` are left out), and ``start`` counts this process's items. So one step of all the
     processes, batch B each, trains on the windows of one step of a single process with batch
-    num_replicas x B.
+    num_replicas x B. A ``DistributedSampler`` so that Lightning uses it as it is: it would wrap any
+    other sampler in one, which shuffles the pass again and cannot resume it.
     """
 
     def __init__(
