@@ -13,9 +13,9 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from datamodules.windows import ResumableSampler, pad_collate
+from datamodules.windows import PaddedWindows, ResumableSampler, pad_collate
 
 Bytes = bytes | bytearray | np.ndarray | torch.Tensor
 
@@ -83,10 +83,10 @@ class ByteDataModule(L.LightningDataModule):
         raise NotImplementedError
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.eval_dataset("val"))
+        return self._eval_loader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.eval_dataset("test"))
+        return self._eval_loader("test")
 
     def predict_dataloader(self) -> DataLoader:
         """The test split (``predict`` gives the bits spent on each of its bytes)."""
@@ -103,34 +103,64 @@ class ByteDataModule(L.LightningDataModule):
         indices = np.linspace(0, candidates - 1, min(n, candidates)).round().astype(int)
         return [dataset[int(i)] for i in indices]
 
-    # -- resumable training order --------------------------------------------------------------------
+    # -- the data of every process --------------------------------------------------------------------
+
+    def _replicas(self) -> tuple[int, int]:
+        """(number of processes sharing the data, this one's rank): Lightning's data-parallel size and
+        rank under DDP or FSDP (any number of nodes), (1, 0) for a single process."""
+        kwargs = self.trainer.distributed_sampler_kwargs if self.trainer is not None else None
+        return (kwargs["num_replicas"], kwargs["rank"]) if kwargs else (1, 0)
+
+    def _eval_loader(self, split: str) -> DataLoader:
+        """The windows of ``split`` in order; shared by several processes, each window is evaluated once
+        (process r of R takes windows r, r + R, ...) and every process runs as many batches, the last
+        ones filled up with empty windows (``PaddedWindows``). val/test bpb, total bits over total
+        bytes summed over the processes, is then the same as one process's."""
+        dataset = self.eval_dataset(split)
+        replicas, rank = self._replicas()
+        if replicas == 1:
+            return self._loader(dataset)
+        padded = PaddedWindows(dataset, replicas)
+        return self._loader(padded, sampler=DistributedSampler(padded, replicas, rank, shuffle=False))
 
     _train_sampler: ResumableSampler | None = None
     _resume_state: dict[str, int] | None = None
 
     def _train_loader(self, dataset: Dataset, num_samples: int, replacement: bool) -> DataLoader:
         """Training batches in an order set by (``seed``, epoch) that resumes mid-epoch: after
-        ``load_state_dict`` it skips the batches a checkpoint had trained on. The last short batch is dropped."""
+        ``load_state_dict`` it skips the batches a checkpoint had trained on. The last short batch is dropped.
+        Several processes share each pass (``ResumableSampler``), each with batches of ``batch_size``."""
+        replicas, rank = self._replicas()
+        if num_samples < self.batch_size * replicas:  # at least one batch for every process
+            num_samples, replacement = self.batch_size * replicas, True
         state = self._resume_state or {}
         self._resume_state = None
+        batches = state.get("train_batches", 0)
+        if batches and state.get("train_processes", 1) != replicas:
+            raise ValueError(
+                f"the checkpoint stopped in the middle of a training pass run by {state.get('train_processes', 1)} "
+                f"processes; resume it with as many (trainer.devices x trainer.num_nodes), not {replicas}"
+            )
         self._train_sampler = ResumableSampler(
             len(dataset), num_samples, self.seed, replacement,
-            epoch=state.get("train_epoch", 0), start=state.get("train_batches", 0) * self.batch_size,
+            epoch=state.get("train_epoch", 0), start=batches * self.batch_size, num_replicas=replicas, rank=rank,
         )  # fmt: skip
         return self._loader(dataset, sampler=self._train_sampler, drop_last=True)
 
     def state_dict(self) -> dict[str, int]:
         """Saved in checkpoints: the training pass in progress and how many of its batches the model
-        has trained on (the Trainer's count, not the DataLoader's, which prefetches)."""
+        has trained on (the Trainer's count, not the DataLoader's, which prefetches; the same in every
+        process), with the number of processes when there are several."""
         sampler = self._train_sampler
         if sampler is None or sampler.epoch is None:
             return dict(self._resume_state or {})
         batches = 0
         if self.trainer is not None:
             batches = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        processes = {"train_processes": sampler.num_replicas} if sampler.num_replicas > 1 else {}
         if batches >= len(sampler) // self.batch_size:  # the pass is over: the next one is due
-            return {"train_epoch": sampler.epoch + 1, "train_batches": 0}
-        return {"train_epoch": sampler.epoch, "train_batches": batches}
+            return {"train_epoch": sampler.epoch + 1, "train_batches": 0, **processes}
+        return {"train_epoch": sampler.epoch, "train_batches": batches, **processes}
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
         """The next ``train_dataloader`` continues where the checkpoint's run stopped."""

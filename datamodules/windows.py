@@ -3,13 +3,17 @@
 Every modality ends up as a 1-D uint8 array (usually a memory map); these datasets cut it
 into model inputs. A batch is ``(x, mask)``: ``x`` uint8 (B, T) bytes and ``mask`` bool
 (B, T), False on the padding that fills up a short last window.
+
+Under several processes (DDP, FSDP) the windows are dealt out like cards: process r of R takes
+items r, r + R, r + 2R, ... of the training pass or of the evaluation windows. The samplers here
+are ``DistributedSampler``s, which Lightning leaves as they are (it wraps any other sampler in one).
 """
 
 from collections.abc import Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset, DistributedSampler
 
 
 class RandomWindows(Dataset):
@@ -63,9 +67,34 @@ class EvalWindows(Dataset):
         return torch.from_numpy(np.array(self.data[start : start + self.seq_len]))
 
 
+class PaddedWindows(Dataset):
+    """``dataset`` (uint8 windows) followed by empty windows up to a multiple of ``multiple`` items.
+
+    For an evaluation shared by ``multiple`` processes: torch's ``DistributedSampler`` (without
+    shuffling) deals such a dataset out with no window repeated (it would repeat some to even out
+    the shares, counting their bytes twice) and every process gets as many items, hence as many
+    batches: FSDP gathers the weights in every forward pass, so a process with one batch more would
+    wait forever. An empty window is all padding: it adds no byte to the metrics.
+    """
+
+    def __init__(self, dataset: Dataset, multiple: int) -> None:
+        self.dataset = dataset
+        self.total = -(-len(dataset) // multiple) * multiple  # len(dataset) rounded up
+
+    def __len__(self) -> int:
+        return self.total
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        """-> uint8 (L,): window ``index`` of ``dataset``, or (0,) past its end."""
+        if not 0 <= index < self.total:
+            raise IndexError(index)
+        return self.dataset[index] if index < len(self.dataset) else torch.zeros(0, dtype=torch.uint8)
+
+
 def pad_collate(windows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack windows into ``(x, mask)``: x uint8 (B, T) zero-padded at the end, mask bool (B, T)."""
-    T = max(len(w) for w in windows)
+    """Stack windows into ``(x, mask)``: x uint8 (B, T) zero-padded at the end, mask bool (B, T).
+    A batch of empty windows (``PaddedWindows``) is one masked byte long."""
+    T = max(1, max(len(w) for w in windows))
     x = torch.zeros(len(windows), T, dtype=torch.uint8)
     mask = torch.zeros(len(windows), T, dtype=torch.bool)
     for i, w in enumerate(windows):
@@ -74,31 +103,46 @@ def pad_collate(windows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor
     return x, mask
 
 
-class ResumableSampler(Sampler[int]):
+class ResumableSampler(DistributedSampler):
     """Random indices into a dataset of ``n`` items, ``num_samples`` per pass, in an order that is a pure
     function of (``seed``, pass number): drawn with replacement, or a permutation (then
     ``num_samples <= n``). Every ``iter()`` starts the next pass; ``start`` skips the first indices of
     the first pass, so a run resumed mid-epoch sees exactly the windows it had not trained on yet.
+
+    ``num_replicas`` processes share every pass: process ``rank`` takes its items rank, rank +
+    num_replicas, ..., ``num_samples // num_replicas`` of them (the pass's last ``num_samples %
+    num_replicas`` are left out), and ``start`` counts this process's items. So one step of all the
+    processes, batch B each, trains on the windows of one step of a single process with batch
+    num_replicas x B. A ``DistributedSampler`` so that Lightning uses it as it is: it would wrap any
+    other sampler in one, which shuffles the pass again and cannot resume it.
     """
 
-    def __init__(self, n: int, num_samples: int, seed: int, replacement: bool, epoch: int = 0, start: int = 0) -> None:
-        if n < 1 or num_samples < 1:
-            raise ValueError(f"need n >= 1 and num_samples >= 1, got n={n}, num_samples={num_samples}")
+    def __init__(
+        self, n: int, num_samples: int, seed: int, replacement: bool, epoch: int = 0, start: int = 0,
+        num_replicas: int = 1, rank: int = 0,
+    ) -> None:  # fmt: skip
+        if n < 1 or num_samples < num_replicas:
+            raise ValueError(
+                f"need n >= 1 and num_samples >= num_replicas, got n={n}, num_samples={num_samples}, "
+                f"num_replicas={num_replicas}"
+            )
         if not replacement and num_samples > n:
             raise ValueError(f"a permutation of {n} items has no {num_samples} samples; use replacement")
-        if not 0 <= start <= num_samples:
-            raise ValueError(f"start must be in 0..{num_samples}, got {start}")
-        self.n, self.num_samples, self.seed, self.replacement = n, num_samples, seed, replacement
+        # The pass's positions 0..num_samples-1, shared out: self.num_samples is this process's share.
+        super().__init__(range(num_samples), num_replicas, rank, shuffle=True, seed=seed, drop_last=True)
+        if not 0 <= start <= self.num_samples:
+            raise ValueError(f"start must be in 0..{self.num_samples}, got {start}")
+        self.n, self.replacement = n, replacement
         self.next_epoch, self.next_start = epoch, start
         self.epoch: int | None = None
         """The pass of the latest ``iter()``; None before the first."""
 
     def indices(self, epoch: int) -> np.ndarray:
-        """int64 (num_samples,): the whole order of pass ``epoch``."""
+        """int64 (num_samples,): this process's share of pass ``epoch``, in order."""
         rng = np.random.default_rng([self.seed, epoch])
-        if self.replacement:
-            return rng.integers(self.n, size=self.num_samples)
-        return rng.permutation(self.n)[: self.num_samples]
+        size = len(self.dataset)  # the whole pass, all processes
+        order = rng.integers(self.n, size=size) if self.replacement else rng.permutation(self.n)[:size]
+        return order[self.rank : self.total_size : self.num_replicas]
 
     def __iter__(self) -> Iterator[int]:
         epoch, start = self.next_epoch, self.next_start
@@ -106,4 +150,8 @@ class ResumableSampler(Sampler[int]):
         return iter(self.indices(epoch)[start:].tolist())
 
     def __len__(self) -> int:
-        return self.num_samples  # a whole pass, also when resuming: Lightning counts the skipped batches
+        return self.num_samples  # a whole share, also when resuming: Lightning counts the skipped batches
+
+    def set_epoch(self, epoch: int) -> None:
+        """Ignored. Lightning calls it with its epoch count; the pass number here is the sampler's own
+        (``epoch``, then one more every ``iter()``), which the DataModule keeps in checkpoints."""

@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from jsonargparse import set_parsing_settings
+from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import MeanMetric
 
@@ -275,11 +276,16 @@ class MegaByteLM(L.LightningModule):
     ) -> None:
         """Clip the gradient norm on the device, without a host synchronisation (``clip_gradient_norm``).
         Done here because Lightning refuses to clip for fused optimizers, which are safe to clip when no
-        gradient scaler is used (the fused optimizer is only chosen then)."""
+        gradient scaler is used (the fused optimizer is only chosen then), and by norm under FSDP, where
+        the total norm is FSDP's ``clip_grad_norm_``'s."""
         if not gradient_clip_val:
             return
         if gradient_clip_algorithm not in (None, "norm"):
             raise ValueError(f"only gradient_clip_algorithm 'norm' is supported, got {gradient_clip_algorithm!r}")
+        if self._trainer is not None and isinstance(self._trainer.strategy, FSDPStrategy):
+            # Each process holds a shard of the gradients: the root FSDP module sums the squares of all.
+            self._trainer.model.clip_grad_norm_(gradient_clip_val)
+            return
         clip_gradient_norm(self.model.parameters(), optimizer, gradient_clip_val)
 
 

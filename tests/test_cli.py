@@ -35,8 +35,10 @@ def tiny_data(data_class: str, text_file: Path, tmp_path: Path) -> list[str]:
 
 
 def cpu_trainer_args(tmp_path: Path) -> list[str]:
+    # One process: configs/distributed/ choose DDP or FSDP (FSDP needs GPUs; tests/test_distributed.py
+    # runs DDP on 2 CPU processes).
     return [
-        "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.precision=32-true",
+        "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strategy=auto", "--trainer.precision=32-true",
         "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
         f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}",
     ]  # fmt: skip
