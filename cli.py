@@ -222,7 +222,7 @@ class MegaByteCLI(LightningCLI):
         rank_zero_info(f"{len(samples)} samples of {sample_len} bytes ({prompts.shape[1]} of prompt) in {folder}")
         return written
 
-    RUN_OPTIONS = ("strided_eval", "compile", "compile_mode")
+    RUN_OPTIONS = ("strided_eval", "compile", "compile_mode", "activation_checkpointing", "local_chunk_patches")
     """Model options that change how a checkpoint's model runs, not what it is: the command line and a
     config file keep them with ``--ckpt_path`` (Lightning forces the others from the checkpoint)."""
 

@@ -4,7 +4,7 @@ optimizer and schedule. The model itself lives in ``megabyte/model.py``."""
 import dataclasses
 import importlib
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal
 
 import lightning as L
@@ -17,7 +17,9 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import MeanMetric
 
 from megabyte.compilation import inductor_options
-from megabyte.model import VOCAB_SIZE, ByteTransformer, ByteTransformerConfig, MegaByte, MegaByteConfig, ModelConfig
+from megabyte.model import (
+    VOCAB_SIZE, ByteTransformer, ByteTransformerConfig, MegaByte, MegaByteConfig, ModelConfig, Transformer,
+)  # fmt: skip
 
 # Let YAML choose the architecture with ``class_path: megabyte.MegaByteConfig`` or
 # ``megabyte.ByteTransformerConfig``, and show the config fields' docstrings as CLI help. Set here
@@ -33,6 +35,37 @@ def build_model(config: ModelConfig) -> nn.Module:
     if isinstance(config, ByteTransformerConfig):
         return ByteTransformer(config)
     raise TypeError(f"expected a MegaByteConfig or a ByteTransformerConfig, got {type(config).__name__}")
+
+
+def apply_memory_options(
+    model: nn.Module, activation_checkpointing: Sequence[str] = (), local_chunk_patches: int | None = None
+) -> nn.Module:
+    """Trade compute for activation memory, from outside the model; neither option changes a parameter
+    or an output (beyond float rounding), so a checkpoint trains, resumes and evaluates with or without them.
+
+    activation_checkpointing: the Transformer stacks (attribute names: ``global_model`` and
+        ``local_model`` of MegaByte, ``transformer`` of the ByteTransformer) whose blocks keep only their
+        input in training and are recomputed in the backward pass (about a third more compute in them).
+    local_chunk_patches: MegaByte runs its local model over at most this many patches at a time (and,
+        when ``local_model`` is checkpointed, recomputes each chunk as a whole): None runs all B*K at once.
+    """
+    stacks = {name for name, module in model.named_children() if isinstance(module, Transformer)}
+    unknown = sorted(set(activation_checkpointing) - stacks)
+    if unknown:
+        raise ValueError(
+            f"activation_checkpointing names {unknown}, not a stack of {type(model).__name__}: "
+            f"choose among {sorted(stacks)}"
+        )
+    if local_chunk_patches is not None:
+        if not isinstance(model, MegaByte):
+            raise ValueError(f"local_chunk_patches chunks MegaByte's local model; {type(model).__name__} has none: use null")
+        if isinstance(local_chunk_patches, bool) or not isinstance(local_chunk_patches, int) or local_chunk_patches < 1:
+            raise ValueError(f"local_chunk_patches must be a positive integer or null, got {local_chunk_patches!r}")
+    for name in stacks:
+        getattr(model, name).activation_checkpointing = name in activation_checkpointing
+    if isinstance(model, MegaByte):
+        model.local_chunk_patches = local_chunk_patches
+    return model
 
 
 def config_to_dict(config: ModelConfig) -> dict[str, Any]:
@@ -119,6 +152,8 @@ class MegaByteLM(L.LightningModule):
         compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "reduce-overhead",
         skip_nonfinite: bool = False,
         strided_eval: bool = False,
+        activation_checkpointing: tuple[str, ...] = (),
+        local_chunk_patches: int | None = None,
     ) -> None:
         """
         Args:
@@ -142,6 +177,15 @@ class MegaByteLM(L.LightningModule):
                 two passes, the second offset by half a patch, each byte scored in the first half of a
                 patch (``strided_bits``). Twice the cost of evaluation; training is unchanged. Can be
                 switched on for a trained checkpoint: ``cli.py test --ckpt_path F --model.strided_eval true``.
+            activation_checkpointing: Transformer stacks whose blocks are recomputed in the backward pass
+                instead of keeping their activations: ``[global_model, local_model]`` or a part of it for
+                MegaByte, ``[transformer]`` for the ByteTransformer. Costs about a third more compute in
+                the stacks named; a run option, like ``local_chunk_patches``: a checkpoint trains, resumes
+                and evaluates with or without it (``--ckpt_path F --model.activation_checkpointing [local_model]``).
+            local_chunk_patches: Run MegaByte's local model over at most this many patches at a time (null:
+                all B*K at once). With ``local_model`` checkpointed, each chunk is recomputed as a whole in
+                the backward pass, so the local model keeps one chunk's activations: what lets T reach 1M
+                bytes (configs/long/megabyte-1m.yaml). The same outputs as without.
         """
         super().__init__()
         if isinstance(arch, dict):  # from a checkpoint's hyperparameters
@@ -159,7 +203,7 @@ class MegaByteLM(L.LightningModule):
         if isinstance(self.hparams["arch"], ModelConfig):  # keep checkpoints free of pickled objects
             self.hparams["arch"] = config_to_dict(arch)
         self.config = arch
-        self.model = build_model(arch)
+        self.model = apply_memory_options(build_model(arch), activation_checkpointing, local_chunk_patches)
         self._bits_per_byte = bits_per_byte  # compiled with the model (configure_model)
         self.val_bpb = MeanMetric().set_dtype(torch.float64)
         self.test_bpb = MeanMetric().set_dtype(torch.float64)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 try:  # Triton comes with torch's CUDA builds on Linux; elsewhere short sequences take SDPA
     from megabyte.short_attention import short_causal_attention
@@ -200,6 +201,8 @@ class Transformer(nn.Module):
 
     Used for MEGABYTE's global model, its local model and the byte-level baseline.
     ``autocast_residual``: under autocast, carry the residual stream in autocast's dtype.
+    ``activation_checkpointing`` (set from outside: ``megabyte.lm.apply_memory_options``): while
+    gradients are recorded, keep only each block's input and recompute the block in the backward pass.
     """
 
     def __init__(
@@ -209,18 +212,22 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(d_model, n_heads, d_hidden, dropout) for _ in range(n_layers))
         self.norm = nn.LayerNorm(d_model)
         self.autocast_residual = autocast_residual
+        self.activation_checkpointing = False
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, checkpoint_blocks: bool = True) -> torch.Tensor:
         """x: (N, L, d_model) -> (N, L, d_model), position l attends to positions <= l.
 
-        With a ``cache`` (from ``new_cache``), x continues the cached positions.
+        With a ``cache`` (from ``new_cache``), x continues the cached positions. ``checkpoint_blocks``
+        False: no block is recomputed on its own (a caller recomputes the whole stack).
         """
         if self.autocast_residual and torch.is_autocast_enabled(x.device.type):
             # Every norm and residual add reads and writes the residual stream: in bf16 rather than the
             # float32 of the embeddings, half the memory traffic (norms still compute in float32).
             x = x.to(torch.get_autocast_dtype(x.device.type))
+        recompute = self.activation_checkpointing and checkpoint_blocks and cache is None and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
-            x = block(x, cache, i)
+            # Non-reentrant checkpointing: composes with torch.compile (one graph) and autocast.
+            x = checkpoint(block, x, use_reentrant=False) if recompute else block(x, cache, i)
         if cache is not None:
             cache.advance(x.shape[1])
         return self.norm(x)
@@ -420,7 +427,13 @@ class ByteModel(nn.Module):
 
 class MegaByte(ByteModel):
     """MEGABYTE: a global transformer over patches of P bytes and a local transformer
-    that predicts the bytes inside each patch."""
+    that predicts the bytes inside each patch.
+
+    ``local_chunk_patches`` (set from outside: ``megabyte.lm.apply_memory_options``): run the local
+    model over at most this many patches at a time; with ``local_model.activation_checkpointing``
+    each chunk is then recomputed as a whole in the backward pass, so the local model keeps one
+    chunk's activations instead of all B*K patches'. None runs every patch at once.
+    """
 
     def __init__(self, config: MegaByteConfig) -> None:
         super().__init__()
@@ -452,6 +465,7 @@ class MegaByte(ByteModel):
         # 7. Output projection, tied to E_local unless configured otherwise.
         self.lm_head = None if config.tie_embeddings else nn.Linear(d_local, VOCAB_SIZE, bias=False)
         init_weights(self, config.init_std)
+        self.local_chunk_patches: int | None = None
 
     def embed_patches(self, x: torch.Tensor, start: int | torch.Tensor = 0) -> torch.Tensor:
         """Patch embedder. x: LongTensor (B, k*P), bytes from position ``start`` (an int or a 0-dim
@@ -480,7 +494,7 @@ class MegaByte(ByteModel):
         """
         _check_input(x, self.config.max_seq_len)
         B, T = x.shape
-        P, d_global, d_local = self.config.patch_size, self.config.d_global, self.config.d_local
+        P, d_global = self.config.patch_size, self.config.d_global
         K = math.ceil(T / P)
         # Pad to whole patches; causality keeps the padding out of every real position.
         x = F.pad(x, (0, K * P - T))  # (B, K*P)
@@ -493,16 +507,34 @@ class MegaByte(ByteModel):
         # 3. Global model: position k has seen patches < k only.
         h = self.global_model(h)  # (B, K, d_global)
 
-        # 4. Split every global output into P chunks of D_G and project each with w_GL.
-        h = self.global_to_local(h.view(B, K, P, d_global // P))  # (B, K, P, d_local)
-        # 5. Add the embedding of the previous byte in the patch (the local pad at p = 0).
-        h = self.local_input(h, x.view(B, K, P)[:, :, :-1])  # (B, K, P, d_local)
-        # 6. Local model over all B*K patches as one batch of length-P sequences.
-        h = self.local_model(h.view(B * K, P, d_local))  # (B*K, P, d_local)
+        # 4-7. Local model over all B*K patches as one batch, or over chunks of them.
+        h, x = h.view(B * K, d_global), x.view(B * K, P)  # (B*K, d_global), (B*K, P)
+        if self.local_chunk_patches is None:
+            logits = self.local_logits(h, x)  # (B*K, P, V)
+        else:
+            chunks = zip(h.split(self.local_chunk_patches), x.split(self.local_chunk_patches))
+            logits = torch.cat([self.local_chunk_logits(h_c, x_c) for h_c, x_c in chunks])  # (B*K, P, V)
+        return logits.view(B, K * P, VOCAB_SIZE)[:, :T]  # drop the padding
 
-        # 7. Output projection to byte logits; drop the padding.
-        logits = output_logits(h, self.local_embedding, self.lm_head).view(B, K * P, VOCAB_SIZE)  # (B, K*P, V)
-        return logits[:, :T]
+    def local_logits(self, h: torch.Tensor, x: torch.Tensor, checkpoint_blocks: bool = True) -> torch.Tensor:
+        """Steps 4-7 for N patches. h: (N, d_global) their global outputs, x: LongTensor (N, P) their
+        bytes -> logits (N, P, 256)."""
+        N, P, d_global = x.shape[0], self.config.patch_size, self.config.d_global
+        # 4. Split every global output into P chunks of D_G and project each with w_GL.
+        h = self.global_to_local(h.view(N, P, d_global // P))  # (N, P, d_local)
+        # 5. Add the embedding of the previous byte in the patch (the local pad at p = 0).
+        h = self.local_input(h, x[:, :-1])  # (N, P, d_local)
+        # 6. Local model over the N patches as one batch of length-P sequences.
+        h = self.local_model(h, checkpoint_blocks=checkpoint_blocks)  # (N, P, d_local)
+        # 7. Output projection to byte logits.
+        return output_logits(h, self.local_embedding, self.lm_head)  # (N, P, V)
+
+    def local_chunk_logits(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``local_logits`` of one chunk of patches; with the local model's activation checkpointing,
+        the whole chunk is recomputed in the backward pass (its blocks then keep no input of their own)."""
+        if self.local_model.activation_checkpointing and torch.is_grad_enabled():
+            return checkpoint(self.local_logits, h, x, False, use_reentrant=False)
+        return self.local_logits(h, x)
 
     # -- decoding with key/value caches: the global model once per patch, the local one per byte --
 

@@ -56,6 +56,61 @@ def test_generate_speed_prints_rows_and_writes_json(tmp_path):
     assert len(stdout.strip().splitlines()) == 4  # header, separator, two rows
 
 
+@pytest.fixture
+def long_seq(monkeypatch):
+    """benchmarks/long_seq.py as a module, run in this process (a new interpreter would double the time)."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))  # the scripts import each other by name
+    import long_seq
+
+    return long_seq
+
+
+def test_long_seq_reports_megabyte_the_longest_transformer_and_generation(long_seq, text_file, tmp_path, capsys):
+    out = tmp_path / "long.json"
+    long_seq.cli_main(["--seq_lens", "32", "64", "--warmup=1", "--steps=2", "--search_from=32", "--search_to=64",
+                       "--prompt_bytes=96", "--new_bytes=8", f"--out={out}", f"--data.path={text_file}",
+                       f"--data.cache_dir={tmp_path}", "--model.local_chunk_patches=3", *TINY])  # fmt: skip
+    stdout = capsys.readouterr().out
+    result = json.loads(out.read_text())
+    megabyte = result["megabyte"]
+    assert megabyte["activation_checkpointing"] == ["local_model"] and megabyte["local_chunk_patches"] == 3
+    assert [r["seq_len"] for r in megabyte["rows"]] == [32, 64]
+    for r in megabyte["rows"]:
+        assert r["status"] == "ok" and len(r["step_seconds_all"]) == 2 and r["peak_memory_gib"] is None
+        assert r["bytes_per_sec"] == pytest.approx(r["seq_len"] / r["step_seconds"])
+    transformer = result["transformer"]
+    assert (transformer["d_model"], transformer["n_layers"], transformer["n_heads"]) == (32, 1, 2)  # the global model's
+    searches = transformer["searches"]
+    assert [s["activation_checkpointing"] for s in searches] == [[], ["transformer"]]
+    for search in searches:  # nothing runs out of memory on the CPU: every length up to --search_to fits
+        assert search["longest_seq_len"] == 64 and search["limited_by"] == "search_to"
+        assert [p["seq_len"] for p in search["probes"]] == [32, 64]
+    generation = result["generation"]
+    assert generation["prompt"] == "validation split" and generation["prompt_bytes"] == 96
+    assert generation["time_to_first_byte_s"] > 0 and generation["bytes_per_sec_after_first"] > 0
+    assert stdout.strip().splitlines()[-1].startswith("Generation after a 96-byte prompt (validation split")
+
+
+def test_longest_trainable_doubles_then_bisects_and_stops_before_slow_steps(long_seq):
+    longest_trainable = long_seq.longest_trainable
+
+    def probe(seq_len: int) -> dict:  # out of memory above 20,000 bytes; a step takes (T / 4096)^2 s
+        if seq_len > 20_000:
+            return {"seq_len": seq_len, "status": "out of memory"}
+        return {"seq_len": seq_len, "status": "ok", "step_seconds": (seq_len / 4096) ** 2}
+
+    search = longest_trainable(probe, 4096, 2**20, bisections=3, max_step_seconds=1000)
+    assert [(p["seq_len"], p["status"]) for p in search["probes"]] == [
+        (4096, "ok"), (8192, "ok"), (16384, "ok"), (18432, "ok"), (20480, "out of memory"), (24576, "out of memory"),
+        (32768, "out of memory"),
+    ]  # fmt: skip
+    assert (search["longest_seq_len"], search["limited_by"]) == (18432, "memory")
+    search = longest_trainable(probe, 4096, 2**20, bisections=3, max_step_seconds=10)  # 16384 would take 16 s
+    assert search["probes"][-1] == {"seq_len": 16384, "status": "not tried", "estimated_step_seconds": 16.0}
+    assert (search["longest_seq_len"], search["limited_by"]) == (8192, "time")
+    assert longest_trainable(probe, 32768, 2**20, 3, 1000)["longest_seq_len"] is None
+
+
 def test_short_attention_speed_checks_every_variant(tmp_path, monkeypatch):
     """On the CPU under Triton's interpreter, float32: every variant is timed and computes attention
     (errors against float64 far below float32 rounding of the inputs' scale)."""

@@ -152,3 +152,29 @@ def test_seq_len_is_typed_once(text_file, tmp_path):
     assert cli.model.config.max_seq_len == 64 == cli.datamodule.seq_len
     with pytest.raises(ValueError, match="max_seq_len 60 is not a multiple of patch_size 8"):
         main(["fit", *args, "--data.seq_len=60", "--trainer.fast_dev_run=1"])
+
+
+def memory_options(model) -> tuple[bool, bool, int | None]:
+    """(global model checkpointed, local model checkpointed, local chunk) of a MegaByte."""
+    return model.global_model.activation_checkpointing, model.local_model.activation_checkpointing, model.local_chunk_patches
+
+
+def test_memory_options_are_run_options(text_file, tmp_path, monkeypatch):
+    """Activation checkpointing and local chunks change how a checkpoint's model runs, not what it is: a
+    checkpoint trained without them resumes with them (kept in its hyperparameters), and evaluates
+    without them again, to the same bpb."""
+    args = [*tiny_args(REPO / "configs" / "quickstart.yaml", text_file, tmp_path), "--trainer.max_time=null",
+            "--trainer.limit_val_batches=0"]  # fmt: skip
+    main(["fit", *args, "--trainer.max_steps=2"])
+    (plain,) = (tmp_path / "logs").rglob("last.ckpt")
+    on = ["--model.activation_checkpointing=[global_model, local_model]", "--model.local_chunk_patches=3"]
+    resumed = main(["fit", *args, f"--ckpt_path={plain}", "--trainer.max_steps=3", *on])
+    assert resumed.trainer.global_step == 3 and memory_options(resumed.model.model) == (True, True, 3)
+    (last,) = (p for p in (tmp_path / "logs").rglob("last.ckpt") if p != plain)
+    monkeypatch.chdir(tmp_path)
+    evaluate = ["validate", f"--ckpt_path={last}", "--trainer.enable_progress_bar=false", "--trainer.limit_val_batches=3"]
+    kept = main(evaluate)
+    off = main([*evaluate, "--model.activation_checkpointing=[]", "--model.local_chunk_patches=null"])
+    assert memory_options(kept.model.model) == (True, True, 3) and memory_options(off.model.model) == (False, False, None)
+    bpb = [cli.trainer.callback_metrics["val/bpb"].item() for cli in (kept, off)]
+    assert bpb[0] == pytest.approx(bpb[1], rel=1e-6) and 0 < bpb[0] < 9
