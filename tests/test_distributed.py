@@ -45,7 +45,8 @@ def corpus(tmp_path) -> Path:
 def as_process(data: TextDataModule, replicas: int, rank: int, batches: int = 0) -> TextDataModule:
     """``data`` as process ``rank`` of ``replicas`` sees it (what Lightning's Trainer tells it), after
     ``batches`` training batches of the pass under way."""
-    progress = SimpleNamespace(current=SimpleNamespace(processed=batches))
+    counts = SimpleNamespace(ready=batches, started=batches, processed=batches, completed=batches)
+    progress = SimpleNamespace(current=counts)
     data.trainer = SimpleNamespace(
         distributed_sampler_kwargs={"num_replicas": replicas, "rank": rank} if replicas > 1 else None,
         fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=progress)),
@@ -89,27 +90,42 @@ def test_a_training_pass_is_dealt_out_like_one_process_with_a_larger_batch():
             assert all(len(share) == 50 // replicas == len(s) for share, s in zip(shares, samplers))
             # step k of every process, batch B each = step k of one process with batch replicas x B
             assert all(shares[r] == pass_[r : 50 // replicas * replicas : replicas] for r in range(replicas))
-    resumed = ResumableSampler(100, 50, 3, True, epoch=1, start=4, num_replicas=2, rank=1)
+    resumed = ResumableSampler(100, 50, 3, True, epoch=1, start=8, num_replicas=2, rank=1)  # 4 steps of 2 x 1
     resumed.set_epoch(7)  # Lightning's epoch count is ignored: the pass is the sampler's own
-    assert list(resumed) == one[1][1:50:2][4:] and len(resumed) == 25
+    assert list(resumed) == one[1][1:50:2][4:] and len(resumed) == 25  # a whole share: Lightning counts 4
     with pytest.raises(ValueError, match="Invalid rank 2"):
         ResumableSampler(100, 50, 3, True, num_replicas=2, rank=2)
 
 
-def test_a_checkpoint_of_several_processes_resumes_with_as_many(corpus, tmp_path):
+@pytest.mark.parametrize("before, after", [(2, 1), (2, 3), (1, 2), (3, 3)])
+def test_a_checkpoint_resumes_its_pass_on_any_number_of_processes(corpus, tmp_path, before, after):
+    """The windows trained on before and after the checkpoint are those of the pass, each once and in
+    the order of one process with the global batch, up to the pass's last short global batch."""
     data = TextDataModule(str(corpus), seq_len=32, batch_size=2, num_workers=0, cache_dir=str(tmp_path))
     data.setup("fit")
-    loader = as_process(data, 2, 1, batches=3).train_dataloader()
-    first = list(loader.sampler)
-    assert isinstance(loader.sampler, DistributedSampler)
-    assert len(loader.sampler) == len(data.splits["train"]) // 32 // 2  # each process's share of a pass
-    state = data.state_dict()
-    assert state == {"train_epoch": 0, "train_batches": 3, "train_processes": 2}
-    data.load_state_dict(state)
-    assert list(as_process(data, 2, 1).train_dataloader().sampler) == first[3 * 2 :]  # the batches not trained on
-    data.load_state_dict(state)
-    with pytest.raises(ValueError, match="run by 2 processes; resume it with as many .* not 1"):
-        as_process(data, 1, 0).train_dataloader()
+    windows = len(data.splits["train"]) - 32 + 1
+    whole = ResumableSampler(windows, len(data.splits["train"]) // 32, data.seed, True).indices(0).tolist()
+    shares = [list(as_process(data, before, r, batches=3).train_dataloader().sampler) for r in range(before)]
+    state = data.state_dict()  # 3 batches of 2 in each process
+    assert state == {"train_epoch": 0, "train_samples": 3 * 2 * before}
+    trained = [shares[r][i] for i in range(3 * 2) for r in range(before)]  # rank r's item i: window r + i R
+
+    resumed = []
+    for rank in range(after):
+        data.load_state_dict(state)
+        loader = as_process(data, after, rank, batches=3).train_dataloader()  # 3: the checkpoint's count
+        resumed.append(list(loader.sampler))
+        progress = data.trainer.fit_loop.epoch_loop.batch_progress.current
+        assert len(loader) - progress.ready == len(resumed[-1]) // 2  # Lightning's epoch ends with the pass
+        assert data.state_dict() == state  # nothing trained yet
+        progress.processed += 1
+        assert data.state_dict() == {"train_epoch": 0, "train_samples": 3 * 2 * before + 2 * after}
+    trained += [resumed[r][i] for i in range(len(resumed[0]) // 2 * 2) for r in range(after)]
+    assert trained == whole[: len(trained)] and len(whole) - len(trained) < 2 * after
+
+    # Checkpoints written before train_samples counted each process's batches
+    data.load_state_dict({"train_epoch": 0, "train_batches": 3, "train_processes": before})
+    assert list(as_process(data, after, 0, batches=3).train_dataloader().sampler) == resumed[0]
 
 
 def test_the_fsdp_config_shards_every_block():
