@@ -136,8 +136,9 @@ class MegaByteLM(L.LightningModule):
                 passes as CUDA graphs: a step launches a few graphs instead of about a thousand kernels
                 (config M on an H100: 1.78 M bytes/s against 1.35 M with "default").
             skip_nonfinite: Skip a training step whose loss is NaN or infinite (no update; a warning
-                names it) instead of stopping (the FaultTolerance callback). Reads the loss on the
-                host every step: a synchronisation with the GPU.
+                names it) instead of stopping (the FaultTolerance callback). Under several processes
+                all skip the step where any has such a loss; with gradient accumulation the whole step
+                is skipped. Reads the loss on the host every step: a synchronisation with the GPU.
             strided_eval: Validate, test and predict with the paper's strided inference (MegaByte only):
                 two passes, the second offset by half a patch, each byte scored in the first half of a
                 patch (``strided_bits``). Twice the cost of evaluation; training is unchanged. Can be
@@ -223,18 +224,40 @@ class MegaByteLM(L.LightningModule):
         x, mask = batch
         return strided_bits(self._bits_of, x.long(), self.config.patch_size), mask
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor | dict[str, Any]:
         bits, mask = self._bits(batch)
         bpb = (bits * mask).sum() / mask.sum()
         loss = bpb * math.log(2)  # mean nats per byte
-        if self.hparams.skip_nonfinite and not torch.isfinite(loss):
-            rank_zero_warn(f"skipped a training step with loss {loss.item()} (batch {batch_idx}, step {self.global_step})")
-            return None  # Lightning takes no optimizer step
+        if self.hparams.skip_nonfinite and self._any_nonfinite(loss):
+            rank_zero_warn(
+                f"skipped a training step with loss {loss.item()} (batch {batch_idx}, step {self.global_step}; "
+                f"the loss of at least one process is not finite)"
+            )
+            # The backward pass still runs: under several processes each takes part in its collectives.
+            # on_before_optimizer_step then drops the step's gradients; FaultTolerance ignores the loss.
+            self._skip_step = True
+            return {"loss": loss, "skipped": True}
         # Not on the progress bar: Lightning reads its metrics on the host after every batch, a
         # synchronisation with the GPU that cost config M 7 % of its speed on an H100 (RESULTS.md).
         self.log("train/loss", loss)
         self.log("train/bpb", bpb)
         return loss
+
+    _skip_step = False
+    """Whether a batch of the optimizer step under way had a non-finite loss (``skip_nonfinite``)."""
+
+    def _any_nonfinite(self, loss: torch.Tensor) -> bool:
+        """Whether the loss of this process or of any other is NaN or infinite. Every process takes part in
+        each step's collectives (DDP's gradient all-reduce, FSDP's gathers), so all skip a step or none:
+        the decision is reduced over the processes (no communication with one process)."""
+        return self.trainer.strategy.reduce_boolean_decision(not torch.isfinite(loss), all=False)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """No update for a step with a non-finite loss in any of its batches (``skip_nonfinite``): without
+        gradients AdamW leaves every parameter and its state as they are (no momentum, no weight decay)."""
+        if self._skip_step:
+            optimizer.zero_grad(set_to_none=True)
+            self._skip_step = False
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._eval_step(batch, self.val_bpb, "val/bpb")
