@@ -12,12 +12,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from jsonargparse import set_parsing_settings
-from lightning.pytorch.strategies import FSDPStrategy
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch.distributed.tensor import DTensor
 from torchmetrics import MeanMetric
 
 from megabyte.compilation import inductor_options
 from megabyte.model import VOCAB_SIZE, ByteTransformer, ByteTransformerConfig, MegaByte, MegaByteConfig, ModelConfig
+from megabyte.parallelize import parallelize
+
+# The modes of torch.compile without CUDA graphs, for sharded models: FSDP gathers each block's weights
+# into new memory every step, which a CUDA graph would have to record again.
+WITHOUT_CUDA_GRAPHS = {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}
 
 # Let YAML choose the architecture with ``class_path: megabyte.MegaByteConfig`` or
 # ``megabyte.ByteTransformerConfig``, and show the config fields' docstrings as CLI help. Set here
@@ -130,8 +136,9 @@ class MegaByteLM(L.LightningModule):
             schedule: Decay after warm-up, down to ``min_lr_ratio * lr`` at the Trainer's last step
                 (``max_steps``, or ``max_epochs`` worth of steps). The paper's polynomial decay is linear.
             min_lr_ratio: Final learning rate as a fraction of ``lr``.
-            compile: ``torch.compile`` the model (one graph, no breaks) for training and evaluation;
-                None compiles on a GPU and not on the CPU.
+            compile: ``torch.compile`` the model (one graph, no breaks; sharded with FSDP2, one graph per
+                transformer block) for training and evaluation; None compiles on a GPU and not on the
+                CPU. Not under FSDPStrategy (FSDP1), whose default is then no compilation.
             compile_mode: ``torch.compile``'s mode. "reduce-overhead" replays the forward and backward
                 passes as CUDA graphs: a step launches a few graphs instead of about a thousand kernels
                 (config M on an H100: 1.78 M bytes/s against 1.35 M with "default").
@@ -166,15 +173,36 @@ class MegaByteLM(L.LightningModule):
         self.test_bpb = MeanMetric().set_dtype(torch.float64)
 
     def configure_model(self) -> None:
-        """Compile from outside the model: ``nn.Module.compile`` keeps parameter names (and
+        """Compile and shard from outside the model (``megabyte.parallelize``). Under Lightning's
+        ``ModelParallelStrategy`` the model is sharded with FSDP2 over the data-parallel processes, each
+        transformer block a unit compiled on its own (without CUDA graphs); otherwise (one device, DDP)
+        the whole model is compiled as one graph. ``nn.Module.compile`` keeps parameter names (and
         checkpoints) unchanged; generation runs the eager submodules."""
         if self._trainer is None:  # e.g. load_from_checkpoint: no Trainer, no compilation
             return
-        compile = self.hparams.compile
+        strategy = self.trainer.strategy
+        compile, mode, mesh = self.hparams.compile, self.hparams.compile_mode, None
+        if isinstance(strategy, FSDPStrategy):  # FSDP1 wraps the model after this hook, around a compiled graph
+            if compile:
+                raise ValueError(
+                    "model.compile under FSDPStrategy is not supported: shard with ModelParallelStrategy "
+                    "(FSDP2, configs/distributed/fsdp.yaml), which compiles every block, or set model.compile false"
+                )
+            compile = False
         if compile is None:
-            compile = self.trainer.strategy.root_device.type == "cuda"
-        if compile and not getattr(self.model, "_compiled_call_impl", None):
-            self.model.compile(fullgraph=True, dynamic=False, options=inductor_options(self.hparams.compile_mode))
+            compile = strategy.root_device.type == "cuda"
+        if isinstance(strategy, ModelParallelStrategy):
+            if self.device_mesh["tensor_parallel"].size() > 1:
+                raise ValueError(
+                    "tensor parallelism is not implemented: give ModelParallelStrategy tensor_parallel_size 1 and "
+                    "data_parallel_size trainer.devices x trainer.num_nodes"
+                )
+            mesh = self.device_mesh["data_parallel"]
+            if compile and mode in WITHOUT_CUDA_GRAPHS:
+                rank_zero_info(f"sharded: compile_mode {mode!r} becomes {WITHOUT_CUDA_GRAPHS[mode]!r} (no CUDA graphs)")
+                mode = WITHOUT_CUDA_GRAPHS[mode]
+        parallelize(self.model, inductor_options(mode) if compile else None, mesh)
+        if compile and self._bits_per_byte is bits_per_byte:
             # The loss as one kernel a pass (float32 cast, log-softmax, the target's term) instead of about
             # ten eager ones over the (B, T, 256) logits; no CUDA graph, so its output is the caller's.
             self._bits_per_byte = torch.compile(bits_per_byte, fullgraph=True, dynamic=False)
@@ -300,7 +328,8 @@ class MegaByteLM(L.LightningModule):
         """Clip the gradient norm on the device, without a host synchronisation (``clip_gradient_norm``).
         Done here because Lightning refuses to clip for fused optimizers, which are safe to clip when no
         gradient scaler is used (the fused optimizer is only chosen then), and by norm under FSDP, where
-        the total norm is FSDP's ``clip_grad_norm_``'s."""
+        the total norm is over the shards of all processes: FSDP1's ``clip_grad_norm_``, or under FSDP2
+        (ModelParallelStrategy) the norm of the gradients' DTensors."""
         if not gradient_clip_val:
             return
         if gradient_clip_algorithm not in (None, "norm"):
@@ -317,14 +346,17 @@ def clip_gradient_norm(parameters: Iterable[nn.Parameter], optimizer: torch.opti
 
     A fused Adam / AdamW divides the gradients itself: it is given the divisor (``grad_scale``, the
     attribute through which AMP's gradient scaler talks to it), which saves a pass over the gradients
-    (RESULTS.md, session 7); for other optimizers ``clip_grad_norm_`` scales the gradients."""
-    if not _divides_gradients(optimizer):
-        torch.nn.utils.clip_grad_norm_(parameters, max_norm, foreach=True)
-        return
-    grads = [p.grad for p in parameters if p.grad is not None]
-    norm = torch.nn.utils.get_total_norm(grads, foreach=True)
-    # clip_grad_norm_ multiplies by min(1, max_norm / (norm + 1e-6)); this is the same factor's inverse
-    optimizer.grad_scale = ((norm + 1e-6) / max_norm).clamp(min=1.0)
+    (RESULTS.md, session 7); for other optimizers ``clip_grads_with_norm_`` scales the gradients. Under
+    FSDP2 the gradients are shards (DTensors): the norm is over all of them, reduced over the processes."""
+    parameters = list(parameters)
+    norm = torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None], foreach=True)
+    if isinstance(norm, DTensor):
+        norm = norm.full_tensor()
+    if _divides_gradients(optimizer):
+        # clip_grads_with_norm_ multiplies by min(1, max_norm / (norm + 1e-6)); this is the same factor's inverse
+        optimizer.grad_scale = ((norm + 1e-6) / max_norm).clamp(min=1.0)
+    else:
+        torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, norm, foreach=True)
 
 
 def _divides_gradients(optimizer: torch.optim.Optimizer | None) -> bool:
