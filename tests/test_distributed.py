@@ -239,6 +239,7 @@ def test_two_cpu_processes_under_ddp_and_fsdp_train_evaluate_sample_and_predict_
             assert [ranks[r]["ddp"]["train"][2 * step + j] for r in range(2)] == [[windows[2 * j + r]] for r in range(2)]
         assert [ranks[r]["fsdp"]["train"][step] for r in range(2)] == [windows[0::2], windows[1::2]]  # FSDP, batch 2
     assert all(ranks[0]["fsdp"]["sharded"]) and not any(ranks[0]["ddp"]["sharded"])  # FSDP: the model and every block
+    assert ranks[0]["fsdp"]["fused"] and not ranks[0]["ddp"]["fused"]  # FSDP2: the GPU's optimizer, clipping
     assert len(one["val_bpb"]) == 3
     for name in ("ddp", "fsdp"):
         for i in range(2):  # after 2 and 4 steps
