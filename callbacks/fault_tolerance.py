@@ -55,6 +55,8 @@ class FaultTolerance(Callback):
             reads the result every ``check_every_n_batches`` batches, before every validation and
             before every checkpoint is written, so weights after a non-finite loss are never saved
             and no training step waits for the host. (``model.skip_nonfinite`` skips such steps instead.)
+            Under several processes the check is reduced over them: a non-finite loss in any process
+            stops all of them (a process stopping alone would leave the others waiting for it).
         check_every_n_batches: Batches between two reads of the check on the host.
     """
 
@@ -76,6 +78,8 @@ class FaultTolerance(Callback):
         # Runs before ModelCheckpoint's hook (Lightning orders checkpoint callbacks last).
         if not self.stop_on_nonfinite or not isinstance(outputs, dict) or "loss" not in outputs:
             return
+        if outputs.get("skipped"):  # a step that model.skip_nonfinite skips (the same in every process)
+            return
         loss = outputs["loss"].detach()
         if self._first_bad is None:
             self._first_bad = torch.full((), -1, dtype=torch.long, device=loss.device)
@@ -95,7 +99,12 @@ class FaultTolerance(Callback):
     def _check(self, trainer: L.Trainer) -> None:
         if self._first_bad is None or self._nonfinite:
             return
-        step = int(self._first_bad)  # the one host synchronisation
+        first_bad = self._first_bad
+        if trainer.world_size > 1:  # all processes stop together, at the first step any of them saw
+            never = torch.iinfo(torch.long).max
+            first_bad = trainer.strategy.reduce(torch.where(first_bad >= 0, first_bad, never), reduce_op="min")
+            first_bad = torch.where(first_bad == never, -1, first_bad)
+        step = int(first_bad)  # the one host synchronisation
         if step >= 0:
             self._nonfinite = True
             raise FloatingPointError(

@@ -4,6 +4,9 @@ Every ``every_n_validations`` validation runs, the model continues the first par
 validation sequences and the DataModule decodes the results (``ByteDataModule.decode``):
 ``add_text`` (indented as a code block so whitespace survives), ``add_image`` (a grid: each
 original beside its completion) or ``add_audio`` (at the data's sample rate).
+
+Under several processes rank zero samples and logs. Where each process holds a shard of the weights
+(FSDP), all of them first gather the weights into an unsharded copy on rank zero (``sampling_model``).
 """
 
 import logging
@@ -12,10 +15,12 @@ import lightning as L
 import torch
 import torchvision
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from datamodules.base import ByteDataModule
 from megabyte.generation import check_sampling
+from megabyte.lm import build_model
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +72,29 @@ def generate_samples(
         return model.generate(prompts.to(device), new_bytes, temperature, top_k, top_p, generator, compile=compile).cpu()
 
 
+def sampling_model(trainer: L.Trainer, pl_module: L.LightningModule) -> torch.nn.Module | None:
+    """The model rank zero samples from; None in the other processes.
+
+    Where every process holds all the weights (one device, DDP) it is the LightningModule's model and
+    only rank zero runs it (DDP communicates in the training step only). Sharded (FSDP, FSDP2), every
+    forward pass of a unit would gather its weights from all processes, so every process would have to
+    run each decoding step in step: instead all of them take part once in gathering the full weights
+    to rank zero (on its CPU), which samples from an unsharded copy on its device, alone. The call is
+    then collective: every process must make it.
+    """
+    if not isinstance(trainer.strategy, (FSDPStrategy, ModelParallelStrategy)):
+        return pl_module.model if trainer.is_global_zero else None
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)  # the whole state on rank zero only
+    state = get_model_state_dict(trainer.strategy.model, options=options)  # of the LightningModule: "model.*"
+    if not trainer.is_global_zero:
+        return None
+    with torch.device("meta"):  # no initialisation: the weights are the gathered ones
+        model = build_model(pl_module.config)
+    state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+    model.load_state_dict(state, assign=True)
+    return model.to(trainer.strategy.root_device)
+
+
 def as_code_block(text: str) -> str:
     """Markdown code block by indentation: whitespace and backticks survive TensorBoard's renderer."""
     return "\n".join("    " + line for line in text.split("\n"))
@@ -75,8 +103,9 @@ def as_code_block(text: str) -> str:
 class SampleCallback(L.Callback):
     """Generate samples every ``every_n_validations`` validation runs and show them in TensorBoard.
 
-    Runs on rank zero only, under the Trainer's precision (e.g. bf16 autocast), with a fixed seed,
-    so samples of successive validations differ only through the model.
+    Rank zero samples and logs (every process takes part in gathering sharded weights first), under
+    the Trainer's precision (e.g. bf16 autocast), with a fixed seed, so samples of successive
+    validations differ only through the model.
     """
 
     def __init__(
@@ -124,19 +153,25 @@ class SampleCallback(L.Callback):
         if trainer.sanity_checking or self.every_n_validations == 0:
             return
         self.validations += 1
-        if self.validations % self.every_n_validations == 0:
-            self.log_samples(trainer, pl_module)
-
-    @rank_zero_only
-    def log_samples(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        writer = next((lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
-        datamodule = trainer.datamodule
-        if writer is None or not isinstance(datamodule, ByteDataModule):
-            log.warning("SampleCallback needs a TensorBoardLogger and a ByteDataModule; no samples logged")
+        if self.validations % self.every_n_validations != 0:
             return
+        if not any(isinstance(lg, TensorBoardLogger) for lg in trainer.loggers) or not isinstance(
+            trainer.datamodule, ByteDataModule
+        ):  # the same in every process: none gathers weights
+            if trainer.is_global_zero:
+                log.warning("SampleCallback needs a TensorBoardLogger and a ByteDataModule; no samples logged")
+            return
+        model = sampling_model(trainer, pl_module)  # collective under FSDP
+        if model is not None:
+            self.log_samples(trainer, model)
+
+    def log_samples(self, trainer: L.Trainer, model: torch.nn.Module) -> None:
+        """Sample from ``model`` (a MegaByte or ByteTransformer) and write the samples to TensorBoard."""
+        writer = next(lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger))
+        datamodule = trainer.datamodule
         sample_len = datamodule.seq_len if datamodule.media == "image" else self.sample_len
         prompts, originals, sample_len = validation_prompts(datamodule, self.n_samples, sample_len, self.prompt_fraction)
-        samples = generate_samples(trainer, pl_module.model, prompts, sample_len, self.seed, **self.sampling)
+        samples = generate_samples(trainer, model, prompts, sample_len, self.seed, **self.sampling)
         step = trainer.global_step
         if datamodule.media == "image":
             pairs = [image for original, sample in zip(originals, samples) for image in (original, sample)]

@@ -127,40 +127,66 @@ class ByteDataModule(L.LightningDataModule):
     _resume_state: dict[str, int] | None = None
 
     def _train_loader(self, dataset: Dataset, num_samples: int, replacement: bool) -> DataLoader:
-        """Training batches in an order set by (``seed``, epoch) that resumes mid-epoch: after
-        ``load_state_dict`` it skips the batches a checkpoint had trained on. The last short batch is dropped.
-        Several processes share each pass (``ResumableSampler``), each with batches of ``batch_size``."""
+        """Training batches in an order set by (``seed``, pass) that resumes mid-pass: after
+        ``load_state_dict`` it skips the windows of the pass a checkpoint had trained on, and deals the
+        rest out over this run's processes, however many the checkpoint's run had (``ResumableSampler``).
+        Each process's last short batch of a pass is dropped."""
         replicas, rank = self._replicas()
         if num_samples < self.batch_size * replicas:  # at least one batch for every process
             num_samples, replacement = self.batch_size * replicas, True
         state = self._resume_state or {}
         self._resume_state = None
-        batches = state.get("train_batches", 0)
-        if batches and state.get("train_processes", 1) != replicas:
-            raise ValueError(
-                f"the checkpoint stopped in the middle of a training pass run by {state.get('train_processes', 1)} "
-                f"processes; resume it with as many (trainer.devices x trainer.num_nodes), not {replicas}"
-            )
+        epoch = state.get("train_epoch", 0)
         self._train_sampler = ResumableSampler(
             len(dataset), num_samples, self.seed, replacement,
-            epoch=state.get("train_epoch", 0), start=batches * self.batch_size, num_replicas=replicas, rank=rank,
+            epoch=epoch, start=min(self._trained_samples(state), num_samples), num_replicas=replicas, rank=rank,
         )  # fmt: skip
+        if state:
+            self._count_skipped_batches(self._skipped_batches(epoch))
         return self._loader(dataset, sampler=self._train_sampler, drop_last=True)
 
+    def _trained_samples(self, state: dict[str, int]) -> int:
+        """The windows of the pass under way that a checkpoint's run had trained on, all processes
+        together. Older checkpoints counted the batches of each process (of this ``batch_size``, which the
+        CLI takes from the checkpoint)."""
+        if "train_samples" in state:
+            return state["train_samples"]
+        return state.get("train_batches", 0) * self.batch_size * state.get("train_processes", 1)
+
+    def _skipped_batches(self, epoch: int) -> int:
+        """The batches of pass ``epoch`` this process counts as done: a whole share's less those it gets
+        of the pass's rest (the same in every process)."""
+        sampler = self._train_sampler
+        return len(sampler) // self.batch_size - sampler.share(epoch) // self.batch_size
+
+    def _count_skipped_batches(self, batches: int) -> None:
+        """Set the Trainer's count of the epoch's batches to ``batches``, the sampler's skipped ones.
+        Lightning counts the batches of an epoch itself and ends it after ``len(train_dataloader)``; a
+        resumed run starts from the checkpoint's count, which is the sampler's only when the checkpoint
+        stopped mid-pass with as many processes and the same batch size (then nothing changes). Every
+        count of the epoch moves by as many, so Lightning's restart logic sees what it saved."""
+        loop = getattr(getattr(self.trainer, "fit_loop", None), "epoch_loop", None)
+        if loop is None:
+            return
+        current = loop.batch_progress.current
+        shift = batches - current.processed
+        for name in ("ready", "started", "processed", "completed"):
+            setattr(current, name, getattr(current, name) + shift)
+
     def state_dict(self) -> dict[str, int]:
-        """Saved in checkpoints: the training pass in progress and how many of its batches the model
-        has trained on (the Trainer's count, not the DataLoader's, which prefetches; the same in every
-        process), with the number of processes when there are several."""
+        """Saved in checkpoints: the training pass in progress and how many of its windows the model has
+        trained on, all processes together (from the Trainer's count of batches, not the DataLoader's,
+        which prefetches; the same in every process)."""
         sampler = self._train_sampler
         if sampler is None or sampler.epoch is None:
             return dict(self._resume_state or {})
         batches = 0
         if self.trainer is not None:
             batches = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        processes = {"train_processes": sampler.num_replicas} if sampler.num_replicas > 1 else {}
         if batches >= len(sampler) // self.batch_size:  # the pass is over: the next one is due
-            return {"train_epoch": sampler.epoch + 1, "train_batches": 0, **processes}
-        return {"train_epoch": sampler.epoch, "train_batches": batches, **processes}
+            return {"train_epoch": sampler.epoch + 1, "train_samples": 0}
+        trained = (batches - self._skipped_batches(sampler.epoch)) * self.batch_size * sampler.num_replicas
+        return {"train_epoch": sampler.epoch, "train_samples": sampler.skipped(sampler.epoch) + trained}
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
         """The next ``train_dataloader`` continues where the checkpoint's run stopped."""

@@ -106,15 +106,17 @@ def pad_collate(windows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor
 class ResumableSampler(DistributedSampler):
     """Random indices into a dataset of ``n`` items, ``num_samples`` per pass, in an order that is a pure
     function of (``seed``, pass number): drawn with replacement, or a permutation (then
-    ``num_samples <= n``). Every ``iter()`` starts the next pass; ``start`` skips the first indices of
-    the first pass, so a run resumed mid-epoch sees exactly the windows it had not trained on yet.
+    ``num_samples <= n``). Every ``iter()`` starts the next pass, from pass ``epoch`` on; ``start`` skips
+    the first ``start`` positions of that first pass (those a checkpoint's run trained on, with however
+    many processes), so a run resumed mid-pass sees exactly the windows it had not trained on yet.
 
-    ``num_replicas`` processes share every pass: process ``rank`` takes its items rank, rank +
-    num_replicas, ..., ``num_samples // num_replicas`` of them (the pass's last ``num_samples %
-    num_replicas`` are left out), and ``start`` counts this process's items. So one step of all the
-    processes, batch B each, trains on the windows of one step of a single process with batch
-    num_replicas x B. A ``DistributedSampler`` so that Lightning uses it as it is: it would wrap any
-    other sampler in one, which shuffles the pass again and cannot resume it.
+    ``num_replicas`` processes share every pass: process ``rank`` takes positions rank, rank +
+    num_replicas, ... (of the first pass: start + rank, ...), as many as every process gets (the
+    pass's last few, fewer than num_replicas, are left out). So one step of all the processes, batch B
+    each, trains on the next num_replicas x B positions, the windows of one step of a single process
+    with batch num_replicas x B, and a pass is used up the same way whatever the number of processes.
+    A ``DistributedSampler`` so that Lightning uses it as it is: it would wrap any other sampler in one,
+    which shuffles the pass again and cannot resume it.
     """
 
     def __init__(
@@ -128,29 +130,42 @@ class ResumableSampler(DistributedSampler):
             )
         if not replacement and num_samples > n:
             raise ValueError(f"a permutation of {n} items has no {num_samples} samples; use replacement")
+        if not 0 <= start <= num_samples:
+            raise ValueError(f"start must be in 0..{num_samples}, got {start}")
         # The pass's positions 0..num_samples-1, shared out: self.num_samples is this process's share.
         super().__init__(range(num_samples), num_replicas, rank, shuffle=True, seed=seed, drop_last=True)
-        if not 0 <= start <= self.num_samples:
-            raise ValueError(f"start must be in 0..{self.num_samples}, got {start}")
         self.n, self.replacement = n, replacement
-        self.next_epoch, self.next_start = epoch, start
+        self.first_epoch, self.start = epoch, start
+        self.next_epoch = epoch
         self.epoch: int | None = None
         """The pass of the latest ``iter()``; None before the first."""
 
+    def skipped(self, epoch: int) -> int:
+        """Positions of pass ``epoch`` (all processes) trained on before this sampler: ``start`` for its
+        first pass, 0 for the others."""
+        return self.start if epoch == self.first_epoch else 0
+
+    def share(self, epoch: int) -> int:
+        """How many items of pass ``epoch`` this process takes: ``len(self)``, less of the first pass."""
+        return (len(self.dataset) - self.skipped(epoch)) // self.num_replicas
+
     def indices(self, epoch: int) -> np.ndarray:
-        """int64 (num_samples,): this process's share of pass ``epoch``, in order."""
+        """int64 (share(epoch),): this process's items of pass ``epoch``, in order."""
         rng = np.random.default_rng([self.seed, epoch])
         size = len(self.dataset)  # the whole pass, all processes
         order = rng.integers(self.n, size=size) if self.replacement else rng.permutation(self.n)[:size]
-        return order[self.rank : self.total_size : self.num_replicas]
+        rest = order[self.skipped(epoch) :]
+        return rest[self.rank : self.share(epoch) * self.num_replicas : self.num_replicas]
 
     def __iter__(self) -> Iterator[int]:
-        epoch, start = self.next_epoch, self.next_start
-        self.epoch, self.next_epoch, self.next_start = epoch, epoch + 1, 0
-        return iter(self.indices(epoch)[start:].tolist())
+        epoch = self.next_epoch
+        self.epoch, self.next_epoch = epoch, epoch + 1
+        return iter(self.indices(epoch).tolist())
 
     def __len__(self) -> int:
-        return self.num_samples  # a whole share, also when resuming: Lightning counts the skipped batches
+        """A whole share of a pass, also when resuming: Lightning counts the batches skipped (the
+        DataModule sets its count to them, ``ByteDataModule._count_skipped_batches``)."""
+        return self.num_samples
 
     def set_epoch(self, epoch: int) -> None:
         """Ignored. Lightning calls it with its epoch count; the pass number here is the sampler's own

@@ -12,14 +12,20 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from jsonargparse import set_parsing_settings
-from lightning.pytorch.strategies import FSDPStrategy
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch.distributed.tensor import DTensor
 from torchmetrics import MeanMetric
 
 from megabyte.compilation import inductor_options
 from megabyte.model import (
     VOCAB_SIZE, ByteTransformer, ByteTransformerConfig, MegaByte, MegaByteConfig, ModelConfig, Transformer,
 )  # fmt: skip
+from megabyte.parallelize import parallelize
+
+# The modes of torch.compile without CUDA graphs, for sharded models: FSDP gathers each block's weights
+# into new memory every step, which a CUDA graph would have to record again.
+WITHOUT_CUDA_GRAPHS = {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}
 
 # Let YAML choose the architecture with ``class_path: megabyte.MegaByteConfig`` or
 # ``megabyte.ByteTransformerConfig``, and show the config fields' docstrings as CLI help. Set here
@@ -165,14 +171,16 @@ class MegaByteLM(L.LightningModule):
             schedule: Decay after warm-up, down to ``min_lr_ratio * lr`` at the Trainer's last step
                 (``max_steps``, or ``max_epochs`` worth of steps). The paper's polynomial decay is linear.
             min_lr_ratio: Final learning rate as a fraction of ``lr``.
-            compile: ``torch.compile`` the model (one graph, no breaks) for training and evaluation;
-                None compiles on a GPU and not on the CPU.
+            compile: ``torch.compile`` the model (one graph, no breaks; sharded with FSDP2, one graph per
+                transformer block) for training and evaluation; None compiles on a GPU and not on the
+                CPU. Not under FSDPStrategy (FSDP1), whose default is then no compilation.
             compile_mode: ``torch.compile``'s mode. "reduce-overhead" replays the forward and backward
                 passes as CUDA graphs: a step launches a few graphs instead of about a thousand kernels
                 (config M on an H100: 1.78 M bytes/s against 1.35 M with "default").
             skip_nonfinite: Skip a training step whose loss is NaN or infinite (no update; a warning
-                names it) instead of stopping (the FaultTolerance callback). Reads the loss on the
-                host every step: a synchronisation with the GPU.
+                names it) instead of stopping (the FaultTolerance callback). Under several processes
+                all skip the step where any has such a loss; with gradient accumulation the whole step
+                is skipped. Reads the loss on the host every step: a synchronisation with the GPU.
             strided_eval: Validate, test and predict with the paper's strided inference (MegaByte only):
                 two passes, the second offset by half a patch, each byte scored in the first half of a
                 patch (``strided_bits``). Twice the cost of evaluation; training is unchanged. Can be
@@ -209,15 +217,36 @@ class MegaByteLM(L.LightningModule):
         self.test_bpb = MeanMetric().set_dtype(torch.float64)
 
     def configure_model(self) -> None:
-        """Compile from outside the model: ``nn.Module.compile`` keeps parameter names (and
+        """Compile and shard from outside the model (``megabyte.parallelize``). Under Lightning's
+        ``ModelParallelStrategy`` the model is sharded with FSDP2 over the data-parallel processes, each
+        transformer block a unit compiled on its own (without CUDA graphs); otherwise (one device, DDP)
+        the whole model is compiled as one graph. ``nn.Module.compile`` keeps parameter names (and
         checkpoints) unchanged; generation runs the eager submodules."""
         if self._trainer is None:  # e.g. load_from_checkpoint: no Trainer, no compilation
             return
-        compile = self.hparams.compile
+        strategy = self.trainer.strategy
+        compile, mode, mesh = self.hparams.compile, self.hparams.compile_mode, None
+        if isinstance(strategy, FSDPStrategy):  # FSDP1 wraps the model after this hook, around a compiled graph
+            if compile:
+                raise ValueError(
+                    "model.compile under FSDPStrategy is not supported: shard with ModelParallelStrategy "
+                    "(FSDP2, configs/distributed/fsdp.yaml), which compiles every block, or set model.compile false"
+                )
+            compile = False
         if compile is None:
-            compile = self.trainer.strategy.root_device.type == "cuda"
-        if compile and not getattr(self.model, "_compiled_call_impl", None):
-            self.model.compile(fullgraph=True, dynamic=False, options=inductor_options(self.hparams.compile_mode))
+            compile = strategy.root_device.type == "cuda"
+        if isinstance(strategy, ModelParallelStrategy):
+            if self.device_mesh["tensor_parallel"].size() > 1:
+                raise ValueError(
+                    "tensor parallelism is not implemented: give ModelParallelStrategy tensor_parallel_size 1 and "
+                    "data_parallel_size trainer.devices x trainer.num_nodes"
+                )
+            mesh = self.device_mesh["data_parallel"]
+            if compile and mode in WITHOUT_CUDA_GRAPHS:
+                rank_zero_info(f"sharded: compile_mode {mode!r} becomes {WITHOUT_CUDA_GRAPHS[mode]!r} (no CUDA graphs)")
+                mode = WITHOUT_CUDA_GRAPHS[mode]
+        parallelize(self.model, inductor_options(mode) if compile else None, mesh)
+        if compile and self._bits_per_byte is bits_per_byte:
             # The loss as one kernel a pass (float32 cast, log-softmax, the target's term) instead of about
             # ten eager ones over the (B, T, 256) logits; no CUDA graph, so its output is the caller's.
             self._bits_per_byte = torch.compile(bits_per_byte, fullgraph=True, dynamic=False)
@@ -267,18 +296,40 @@ class MegaByteLM(L.LightningModule):
         x, mask = batch
         return strided_bits(self._bits_of, x.long(), self.config.patch_size), mask
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor | dict[str, Any]:
         bits, mask = self._bits(batch)
         bpb = (bits * mask).sum() / mask.sum()
         loss = bpb * math.log(2)  # mean nats per byte
-        if self.hparams.skip_nonfinite and not torch.isfinite(loss):
-            rank_zero_warn(f"skipped a training step with loss {loss.item()} (batch {batch_idx}, step {self.global_step})")
-            return None  # Lightning takes no optimizer step
+        if self.hparams.skip_nonfinite and self._any_nonfinite(loss):
+            rank_zero_warn(
+                f"skipped a training step with loss {loss.item()} (batch {batch_idx}, step {self.global_step}; "
+                f"the loss of at least one process is not finite)"
+            )
+            # The backward pass still runs: under several processes each takes part in its collectives.
+            # on_before_optimizer_step then drops the step's gradients; FaultTolerance ignores the loss.
+            self._skip_step = True
+            return {"loss": loss, "skipped": True}
         # Not on the progress bar: Lightning reads its metrics on the host after every batch, a
         # synchronisation with the GPU that cost config M 7 % of its speed on an H100 (RESULTS.md).
         self.log("train/loss", loss)
         self.log("train/bpb", bpb)
         return loss
+
+    _skip_step = False
+    """Whether a batch of the optimizer step under way had a non-finite loss (``skip_nonfinite``)."""
+
+    def _any_nonfinite(self, loss: torch.Tensor) -> bool:
+        """Whether the loss of this process or of any other is NaN or infinite. Every process takes part in
+        each step's collectives (DDP's gradient all-reduce, FSDP's gathers), so all skip a step or none:
+        the decision is reduced over the processes (no communication with one process)."""
+        return self.trainer.strategy.reduce_boolean_decision(not torch.isfinite(loss), all=False)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """No update for a step with a non-finite loss in any of its batches (``skip_nonfinite``): without
+        gradients AdamW leaves every parameter and its state as they are (no momentum, no weight decay)."""
+        if self._skip_step:
+            optimizer.zero_grad(set_to_none=True)
+            self._skip_step = False
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._eval_step(batch, self.val_bpb, "val/bpb")
@@ -321,7 +372,8 @@ class MegaByteLM(L.LightningModule):
         """Clip the gradient norm on the device, without a host synchronisation (``clip_gradient_norm``).
         Done here because Lightning refuses to clip for fused optimizers, which are safe to clip when no
         gradient scaler is used (the fused optimizer is only chosen then), and by norm under FSDP, where
-        the total norm is FSDP's ``clip_grad_norm_``'s."""
+        the total norm is over the shards of all processes: FSDP1's ``clip_grad_norm_``, or under FSDP2
+        (ModelParallelStrategy) the norm of the gradients' DTensors."""
         if not gradient_clip_val:
             return
         if gradient_clip_algorithm not in (None, "norm"):
@@ -338,14 +390,17 @@ def clip_gradient_norm(parameters: Iterable[nn.Parameter], optimizer: torch.opti
 
     A fused Adam / AdamW divides the gradients itself: it is given the divisor (``grad_scale``, the
     attribute through which AMP's gradient scaler talks to it), which saves a pass over the gradients
-    (RESULTS.md, session 7); for other optimizers ``clip_grad_norm_`` scales the gradients."""
-    if not _divides_gradients(optimizer):
-        torch.nn.utils.clip_grad_norm_(parameters, max_norm, foreach=True)
-        return
-    grads = [p.grad for p in parameters if p.grad is not None]
-    norm = torch.nn.utils.get_total_norm(grads, foreach=True)
-    # clip_grad_norm_ multiplies by min(1, max_norm / (norm + 1e-6)); this is the same factor's inverse
-    optimizer.grad_scale = ((norm + 1e-6) / max_norm).clamp(min=1.0)
+    (RESULTS.md, session 7); for other optimizers ``clip_grads_with_norm_`` scales the gradients. Under
+    FSDP2 the gradients are shards (DTensors): the norm is over all of them, reduced over the processes."""
+    parameters = list(parameters)
+    norm = torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None], foreach=True)
+    if isinstance(norm, DTensor):
+        norm = norm.full_tensor()
+    if _divides_gradients(optimizer):
+        # clip_grads_with_norm_ multiplies by min(1, max_norm / (norm + 1e-6)); this is the same factor's inverse
+        optimizer.grad_scale = ((norm + 1e-6) / max_norm).clamp(min=1.0)
+    else:
+        torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, norm, foreach=True)
 
 
 def _divides_gradients(optimizer: torch.optim.Optimizer | None) -> bool:

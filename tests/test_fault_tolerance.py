@@ -90,7 +90,7 @@ def test_resumed_run_continues_exactly(small_corpus, uninterrupted, tmp_path):
     (last,) = (tmp_path / "killed").rglob("last.ckpt")
     checkpoint = torch.load(last, weights_only=True)
     assert checkpoint["global_step"] == 9
-    assert checkpoint["TextDataModule"] == {"train_epoch": 1, "train_batches": 2}
+    assert checkpoint["TextDataModule"] == {"train_epoch": 1, "train_samples": 2 * 4}  # 2 batches of 4 windows
 
     main([*fit_args(small_corpus, tmp_path, "resumed", 16), f"--ckpt_path={last}"])
     resumed = losses(tmp_path / "resumed")
@@ -106,7 +106,7 @@ def test_sigterm_saves_a_checkpoint_that_resumes_exactly(small_corpus, uninterru
     (last,) = (tmp_path / "term").rglob("last.ckpt")
     checkpoint = torch.load(last, weights_only=True)
     # Lightning finishes the step under way (the 7th), then stops before the next one
-    assert checkpoint["global_step"] == 7 and checkpoint["TextDataModule"] == {"train_epoch": 1, "train_batches": 0}
+    assert checkpoint["global_step"] == 7 and checkpoint["TextDataModule"] == {"train_epoch": 1, "train_samples": 0}
     main([*fit_args(small_corpus, tmp_path, "after", 16), f"--ckpt_path={last}"])
     after = losses(tmp_path / "after")
     assert sorted(after) == list(range(7, 16))
