@@ -23,8 +23,10 @@ from megabyte.model import (
 )  # fmt: skip
 from megabyte.parallelize import parallelize
 
-# The modes of torch.compile without CUDA graphs, for sharded models: FSDP gathers each block's weights
-# into new memory every step, which a CUDA graph would have to record again.
+# The modes of torch.compile without CUDA graphs, for sharded models (FSDP gathers each block's weights
+# into new memory every step, which a CUDA graph would have to record again) and for gradient
+# accumulation (a backward graph's replay overwrites the gradients the previous micro-batch left in
+# ``.grad``, its own output: pytorch/pytorch#169545, seen on an H100 with torch 2.11).
 WITHOUT_CUDA_GRAPHS = {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}
 
 # Let YAML choose the architecture with ``class_path: megabyte.MegaByteConfig`` or
@@ -213,6 +215,7 @@ class MegaByteLM(L.LightningModule):
         self.config = arch
         self.model = apply_memory_options(build_model(arch), activation_checkpointing, local_chunk_patches)
         self._bits_per_byte = bits_per_byte  # compiled with the model (configure_model)
+        self._cuda_graphs = False  # whether the compiled model replays CUDA graphs (configure_model)
         self.val_bpb = MeanMetric().set_dtype(torch.float64)
         self.test_bpb = MeanMetric().set_dtype(torch.float64)
 
@@ -242,9 +245,15 @@ class MegaByteLM(L.LightningModule):
                     "data_parallel_size trainer.devices x trainer.num_nodes"
                 )
             mesh = self.device_mesh["data_parallel"]
-            if compile and mode in WITHOUT_CUDA_GRAPHS:
-                rank_zero_info(f"sharded: compile_mode {mode!r} becomes {WITHOUT_CUDA_GRAPHS[mode]!r} (no CUDA graphs)")
-                mode = WITHOUT_CUDA_GRAPHS[mode]
+        why = None
+        if mesh is not None:
+            why = "sharded"
+        elif self.trainer.accumulate_grad_batches > 1:
+            why = f"accumulate_grad_batches {self.trainer.accumulate_grad_batches}"
+        if compile and mode in WITHOUT_CUDA_GRAPHS and why:
+            rank_zero_info(f"{why}: compile_mode {mode!r} becomes {WITHOUT_CUDA_GRAPHS[mode]!r} (no CUDA graphs)")
+            mode = WITHOUT_CUDA_GRAPHS[mode]
+        self._cuda_graphs = compile and mode in WITHOUT_CUDA_GRAPHS
         parallelize(self.model, inductor_options(mode) if compile else None, mesh)
         if compile and self._bits_per_byte is bits_per_byte:
             # The loss as one kernel a pass (float32 cast, log-softmax, the target's term) instead of about
@@ -280,8 +289,7 @@ class MegaByteLM(L.LightningModule):
 
     def _bits_of(self, x: torch.Tensor) -> torch.Tensor:
         """x: LongTensor (B, T) -> bits float32 (B, T), one pass of the model."""
-        compiled = getattr(self.model, "_compiled_call_impl", None) is not None
-        if compiled and self.hparams.compile_mode in ("reduce-overhead", "max-autotune"):  # CUDA graphs
+        if self._cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs are free to reuse
         return self._bits_per_byte(self.model(x), x)
 

@@ -246,6 +246,25 @@ def test_compile_mode_reaches_torch_compile(monkeypatch, tmp_path, mode, expecte
     assert lm._bits_per_byte == ("compiled", bits_per_byte, {"fullgraph": True, "dynamic": False})
 
 
+@pytest.mark.parametrize("accumulate, mode, cuda_graphs", [(1, "reduce-overhead", True), (2, "default", False)])
+def test_gradient_accumulation_compiles_without_cuda_graphs(monkeypatch, tmp_path, accumulate, mode, cuda_graphs):
+    """With accumulate_grad_batches > 1, "reduce-overhead" becomes "default": a backward graph's replay would
+    overwrite the gradients the previous micro-batch left in ``.grad`` (pytorch/pytorch#169545; it stopped
+    DDP training with accumulation on an H100). No compilation runs here."""
+    calls = []
+    monkeypatch.setattr(nn.Module, "compile", lambda self, **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)
+    lm = MegaByteLM(tiny_megabyte_config(max_seq_len=32), compile=True, compile_mode="reduce-overhead")
+    lm.trainer = L.Trainer(accelerator="cpu", logger=False, default_root_dir=tmp_path, accumulate_grad_batches=accumulate)
+    lm.configure_model()
+    (call,) = calls
+    assert call["options"].get("triton.cudagraphs", False) is cuda_graphs
+    assert {k: v for k, v in call["options"].items() if "pass" not in k and k != "triton.enable_pdl"} == (
+        dict(torch._inductor.list_mode_options(mode)) if mode != "default" else {}
+    )
+    assert lm._cuda_graphs is cuda_graphs
+
+
 def test_training_step_logs_nothing_to_the_progress_bar(text_file, tmp_path):
     """The progress bar's metrics are read on the host after every batch (a GPU synchronisation):
     training logs none; val/bpb, once per validation, is there."""
