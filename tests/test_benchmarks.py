@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from benchmarks import quality
-from megabyte import MegaByteLM
+from megabyte import MegaByte, MegaByteConfig, MegaByteLM
 from megabyte.flops import training_flops_per_byte
 from megabyte.lm import bits_per_byte
 from tests.conftest import REPO
@@ -42,6 +42,15 @@ def test_train_speed_prints_a_row_and_writes_json(text_file, tmp_path):
     assert result["model"] == "MegaByte" and result["batch"] == 2 and result["seq_len"] == 64
     assert result["bytes_per_sec"] > 0 and result["timed_batches"] == 2 and result["mfu"] is None
     assert result["short_attention"] == "kernel"
+    assert result["processes"] == 1 and len(result["losses"]) == 3  # every step's loss, warm-up included
+    assert result["losses"][-1] == pytest.approx(result["final_loss"])
+    # float32 parameters and gradients, AdamW's two moments of each, and a 4-byte step count a tensor
+    tiny = MegaByte(MegaByteConfig(max_seq_len=64, d_global=32, n_global_heads=2, n_global_layers=1, d_local=16,
+                                   n_local_heads=2, n_local_layers=1))  # fmt: skip
+    state, n, tensors = result["state_gib"], result["parameters"], len(list(tiny.parameters()))
+    assert n == sum(p.numel() for p in tiny.parameters())
+    assert state["parameters"] * 2**30 == 4 * n and state["gradients"] * 2**30 == 4 * n
+    assert state["optimizer_state"] * 2**30 == 8 * n + 4 * tensors
     assert stdout.splitlines()[-1].startswith("| MegaByte | config-m.yaml")
 
 
