@@ -1,5 +1,5 @@
 # make fit   set up .venv with the pinned versions, then train the quickstart model
-# make test  set up .venv with the pinned versions, then run the test suite
+# make test  set up .venv with the pinned versions, then run the test suite (two processes: pytest-xdist)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -17,7 +17,7 @@ fit: install
 	$(BIN)/python cli.py fit --config configs/quickstart.yaml
 
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 clean:
 	rm -rf $(VENV) logs

@@ -4,8 +4,20 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-import torch
+# make test runs the suite in two pytest-xdist processes on a 2-core machine: one thread each, so they
+# do not fight over the cores (the processes the tests start inherit it).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+# Inductor checks which vector instructions the C++ compiler and the CPU support by compiling and loading
+# probes, a new Python process each, in every process that compiles for the CPU (about 5 s a process on
+# the CI machine); with this it takes the CPU's flags as they are and probes only their extensions.
+os.environ.setdefault("TORCHINDUCTOR_VEC_ISA_OK", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
 
 from megabyte import ByteTransformer, ByteTransformerConfig, MegaByte, MegaByteConfig
 
