@@ -73,6 +73,31 @@ def data_seq_len(data: Namespace) -> int:
     return datamodule_class.seq_len_from_args(init_args)
 
 
+def processes_per_machine(devices: Any) -> int | None:
+    """How many processes ``trainer.devices`` starts on a machine: a count, or a list of device indices
+    (as a list or "0,1"); None where Lightning decides ("auto", -1)."""
+    if isinstance(devices, str):
+        devices = [d for d in devices.split(",") if d.strip()] if "," in devices else int(devices) if devices.isdigit() else None
+    if isinstance(devices, (list, tuple)):
+        return len(devices)
+    return devices if isinstance(devices, int) and devices > 0 else None
+
+
+def fill_data_parallel_size(trainer: Namespace) -> None:
+    """Under Lightning's ``ModelParallelStrategy`` with ``tensor_parallel_size`` 1 (FSDP2 alone,
+    configs/distributed/fsdp.yaml), a ``data_parallel_size`` of "auto" becomes every process:
+    ``trainer.devices`` x ``trainer.num_nodes``, so neither is typed twice. (Lightning's own "auto" is
+    the number of machines, meant for tensor parallelism inside each, and fails here with more than one
+    device a machine.) Left as it is where the devices are Lightning's to count ("auto", -1)."""
+    strategy = trainer.get("strategy")
+    if not isinstance(strategy, Namespace) or not str(strategy.get("class_path")).endswith(".ModelParallelStrategy"):
+        return
+    args, devices = strategy.get("init_args") or Namespace(), processes_per_machine(trainer.get("devices"))
+    if args.get("tensor_parallel_size") == 1 and args.get("data_parallel_size", "auto") == "auto" and devices:
+        args["data_parallel_size"] = devices * (trainer.get("num_nodes") or 1)
+        strategy["init_args"] = args
+
+
 def ckpt_path_argument(argv: list[str]) -> str | None:
     """The subcommand's ``ckpt_path``: the last one given, as ``--ckpt_path`` or in a ``--config`` file."""
     ckpt_path = None
@@ -221,6 +246,10 @@ class MegaByteCLI(LightningCLI):
             written += [datamodule.save(original, folder / f"original_{i}") for i, original in enumerate(originals)]
         rank_zero_info(f"{len(samples)} samples of {sample_len} bytes ({prompts.shape[1]} of prompt) in {folder}")
         return written
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        fill_data_parallel_size(config["trainer"])
 
     RUN_OPTIONS = ("strided_eval", "compile", "compile_mode", "activation_checkpointing", "local_chunk_patches")
     """Model options that change how a checkpoint's model runs, not what it is: the command line and a

@@ -21,14 +21,14 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import yaml
 import lightning as L
-from jsonargparse import ArgumentParser
-from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy, Strategy
+from jsonargparse import dict_to_namespace
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.data import DistributedSampler
 
 from callbacks.predictions import BitsWriter
+from cli import fill_data_parallel_size, main as cli_main
 from callbacks.samples import as_code_block, generate_samples, validation_prompts
 from datamodules import TextDataModule
 from datamodules.windows import ResumableSampler
@@ -132,16 +132,36 @@ def test_a_checkpoint_resumes_its_pass_on_any_number_of_processes(corpus, tmp_pa
 
 
 def test_the_fsdp_config_shards_over_every_process_and_writes_one_checkpoint_file():
-    """The strategy block of configs/distributed/fsdp.yaml, built as the CLI builds it (the CLI's tests
-    run every config on one CPU process, with the default strategy). Its sharding of every block is
-    MegaByteLM.configure_model's, run by the 2-process test."""
-    config = yaml.safe_load((REPO / "configs" / "distributed" / "fsdp.yaml").read_text())
-    parser = ArgumentParser()
-    parser.add_argument("--strategy", type=Strategy)
-    strategy = parser.instantiate(parser.parse_object({"strategy": config["trainer"]["strategy"]})).strategy
+    """configs/distributed/fsdp.yaml's strategy as the CLI builds it (the CLI's tests run every config on
+    one CPU process, with the default strategy), here for 3 processes: data_parallel_size "auto" becomes
+    3. Its sharding of every block is MegaByteLM.configure_model's, run by the 2-process test."""
+    cli = cli_main(["--config=configs/distributed/fsdp.yaml", "--trainer.accelerator=cpu", "--trainer.devices=3",
+                    "--trainer.precision=32-true", "--trainer.logger=false"], run=False)  # fmt: skip
+    strategy = cli.trainer.strategy
     assert isinstance(strategy, ModelParallelStrategy) and not strategy._save_distributed_checkpoint
-    processes = config["trainer"]["devices"] * config["trainer"]["num_nodes"]
-    assert (strategy._data_parallel_size, strategy._tensor_parallel_size) == (processes, 1)
+    assert (strategy._data_parallel_size, strategy._tensor_parallel_size) == (3, 1)
+
+
+@pytest.mark.parametrize(
+    "devices, num_nodes, init_args, expected",
+    [
+        (2, 1, {"tensor_parallel_size": 1, "data_parallel_size": "auto"}, 2),
+        (4, 3, {"tensor_parallel_size": 1}, 12),  # "auto" is ModelParallelStrategy's default
+        ([0, 1, 3], 2, {"tensor_parallel_size": 1, "data_parallel_size": "auto"}, 6),
+        ("0,1", 1, {"tensor_parallel_size": 1, "data_parallel_size": "auto"}, 2),
+        ("2", 1, {"tensor_parallel_size": 1, "data_parallel_size": "auto"}, 2),
+        ("auto", 1, {"tensor_parallel_size": 1, "data_parallel_size": "auto"}, "auto"),  # Lightning counts
+        (-1, 1, {"tensor_parallel_size": 1, "data_parallel_size": "auto"}, "auto"),
+        (4, 1, {"tensor_parallel_size": 2, "data_parallel_size": "auto"}, "auto"),  # tensor parallel: as given
+        (4, 1, {"tensor_parallel_size": 1, "data_parallel_size": 2}, 2),  # as given (Lightning refuses it)
+    ],
+)
+def test_data_parallel_size_auto_spans_every_process(devices, num_nodes, init_args, expected):
+    """data_parallel_size is not typed twice: with tensor_parallel_size 1, "auto" is devices x num_nodes."""
+    strategy = {"class_path": "lightning.pytorch.strategies.ModelParallelStrategy", "init_args": init_args}
+    trainer = dict_to_namespace({"strategy": strategy, "devices": devices, "num_nodes": num_nodes})
+    fill_data_parallel_size(trainer)
+    assert trainer.strategy.init_args.get("data_parallel_size", "auto") == expected
 
 
 def test_under_fsdp1_the_gradient_norm_is_fsdps_over_all_shards():
