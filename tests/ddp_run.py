@@ -11,7 +11,9 @@ environment, as torchrun or SLURM start them) runs, in one process group of 2 pr
 2. ``fsdp``: FSDP2 (``ModelParallelStrategy``, ``MegaByteLM.configure_model`` makes every block a
    unit), batch 2 per process, the same validations and samples (the weights gathered to rank zero),
    checkpoint (``fsdp.ckpt``, full weights), test and predict (``fsdp_bits.npy``). With the fused
-   AdamW a GPU takes (clipped through its ``grad_scale``, from the norm over the DTensor shards).
+   AdamW a GPU takes (clipped through its ``grad_scale``, from the norm over the DTensor shards), both
+   stacks' blocks recomputed in the backward pass and the local model run in chunks of 3 patches
+   (``model.activation_checkpointing``, ``model.local_chunk_patches``).
 3. ``skipped`` / ``stopped``: DDP where process 1 alone has a NaN loss at its second batch, with
    ``model.skip_nonfinite`` and with the FaultTolerance callback's stop.
 
@@ -95,12 +97,12 @@ def trainer(devices: int, strategy, max_steps: int, callbacks: list, accumulate:
 
 
 def run(corpus: str, out_dir: str, devices: int, batch_size: int, strategy="auto", accumulate: int = 1,
-        steps: int = STEPS, samples: bool = False, fused: bool = False,
+        steps: int = STEPS, samples: bool = False, fused: bool = False, **model_args,
         ) -> tuple[dict, L.Trainer, MegaByteLM, TextDataModule]:  # fmt: skip
     """Train ``steps`` steps of ``accumulate`` batches of ``batch_size`` windows per process, validating
     every 2 steps; -> (this process's record, the Trainer, the model, the data). ``fused``: the fused
-    AdamW, as on a GPU (also on the CPU)."""
-    data, model = data_and_model(corpus, out_dir, batch_size)
+    AdamW, as on a GPU (also on the CPU). ``model_args``: MegaByteLM's other options."""
+    data, model = data_and_model(corpus, out_dir, batch_size, **model_args)
     if fused:
         model._fused_optimizer = lambda: True
     record = Record()
@@ -123,9 +125,13 @@ def distributed(corpus: str, out_dir: str) -> dict:
     """The runs of the module docstring in this process; -> its record."""
     record = {}
     fsdp = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1, save_distributed_checkpoint=False)
+    # FSDP2 with both stacks' blocks recomputed in the backward pass and the local model in chunks
+    memory = {"activation_checkpointing": ("global_model", "local_model"), "local_chunk_patches": 3}
     for name, strategy, batch_size, accumulate in (("ddp", "ddp", 1, 2), ("fsdp", fsdp, 2, 1)):
-        out, fused = f"{out_dir}/{name}", name == "fsdp"
-        record[name], fit, model, data = run(corpus, out, 2, batch_size, strategy, accumulate, samples=True, fused=fused)
+        out, fused, options = f"{out_dir}/{name}", name == "fsdp", memory if name == "fsdp" else {}
+        record[name], fit, model, data = run(
+            corpus, out, 2, batch_size, strategy, accumulate, samples=True, fused=fused, **options
+        )  # fmt: skip
         record[name]["fused"] = fit.optimizers[0].defaults["fused"]
         fit.save_checkpoint(f"{out_dir}/{name}.ckpt")
         record[name]["test_bpb"] = fit.test(model, data, verbose=False)[0]["test/bpb"]

@@ -258,7 +258,10 @@ def test_two_cpu_processes_under_ddp_and_fsdp_train_evaluate_sample_and_predict_
         for j in range(2):  # DDP, batch 1, 2 batches a step: process r's batch j of the step is window 2 j + r
             assert [ranks[r]["ddp"]["train"][2 * step + j] for r in range(2)] == [[windows[2 * j + r]] for r in range(2)]
         assert [ranks[r]["fsdp"]["train"][step] for r in range(2)] == [windows[0::2], windows[1::2]]  # FSDP, batch 2
-    assert all(ranks[0]["fsdp"]["sharded"]) and not any(ranks[0]["ddp"]["sharded"])  # FSDP: the model and every block
+    # FSDP: the model and every global block are units; the local blocks, run in chunks, are the root's
+    n_global, n_local = tiny_megabyte_config().n_global_layers, tiny_megabyte_config().n_local_layers
+    assert ranks[0]["fsdp"]["sharded"] == [True] * (1 + n_global) + [False] * n_local
+    assert not any(ranks[0]["ddp"]["sharded"])
     assert ranks[0]["fsdp"]["fused"] and not ranks[0]["ddp"]["fused"]  # FSDP2: the GPU's optimizer, clipping
     assert len(one["val_bpb"]) == 3
     for name in ("ddp", "fsdp"):
