@@ -76,8 +76,10 @@ def data_seq_len(data: Namespace) -> int:
 def processes_per_machine(devices: Any) -> int | None:
     """How many processes ``trainer.devices`` starts on a machine: a count, or a list of device indices
     (as a list or "0,1"); None where Lightning decides ("auto", -1)."""
-    if isinstance(devices, str):
-        devices = [d for d in devices.split(",") if d.strip()] if "," in devices else int(devices) if devices.isdigit() else None
+    if isinstance(devices, str) and "," in devices:
+        devices = [d for d in devices.split(",") if d.strip()]
+    elif isinstance(devices, str):
+        devices = int(devices) if devices.isdigit() else None
     if isinstance(devices, (list, tuple)):
         return len(devices)
     return devices if isinstance(devices, int) and devices > 0 else None

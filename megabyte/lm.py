@@ -242,7 +242,7 @@ class MegaByteLM(L.LightningModule):
             if self.device_mesh["tensor_parallel"].size() > 1:
                 raise ValueError(
                     "tensor parallelism is not implemented: give ModelParallelStrategy tensor_parallel_size 1 and "
-                    "data_parallel_size trainer.devices x trainer.num_nodes"
+                    "data_parallel_size auto (trainer.devices x trainer.num_nodes)"
                 )
             mesh = self.device_mesh["data_parallel"]
         why = None
@@ -253,7 +253,7 @@ class MegaByteLM(L.LightningModule):
         if compile and mode in WITHOUT_CUDA_GRAPHS and why:
             rank_zero_info(f"{why}: compile_mode {mode!r} becomes {WITHOUT_CUDA_GRAPHS[mode]!r} (no CUDA graphs)")
             mode = WITHOUT_CUDA_GRAPHS[mode]
-        self._cuda_graphs = compile and mode in WITHOUT_CUDA_GRAPHS
+        self._cuda_graphs = compile and mode in WITHOUT_CUDA_GRAPHS  # its keys: the modes with CUDA graphs
         parallelize(self.model, inductor_options(mode) if compile else None, mesh)
         if compile and self._bits_per_byte is bits_per_byte:
             # The loss as one kernel a pass (float32 cast, log-softmax, the target's term) instead of about
