@@ -25,8 +25,9 @@ sequence the byte Transformer of its global model's depth and width trains, and 
    (median of 3); then bytes/s of the ``--new_bytes`` after it: ``generate(prompt, 1 + N)`` minus the first.
    Under bf16-mixed the model is cast to bf16 once (``generate`` would copy it at every call).
 
-Writes JSON (``--out``) and prints a table last. The defaults are meant to take 5 to 8 minutes on an
-H100 (an estimate: not run yet), most of it the checkpointed ByteTransformer's longest steps. Runs on the CPU with a tiny model for the tests
+Writes JSON (``--out``) and prints a table last. On an H100, ``--max_step_seconds 60 --new_bytes 4096``
+took 110 s (benchmarks/RESULTS.md, session 11); the default cap of 120 s also tries the checkpointed
+ByteTransformer at 524,288 bytes (about 75 s a step, extrapolated). Runs on the CPU with a tiny model for the tests
 (``--trainer.accelerator=cpu --trainer.precision=32-true`` and small ``--model.arch.init_args.*``);
 peak memory is then None and no length runs out of memory.
 """
