@@ -112,8 +112,9 @@ def bpb_by_patch_position(ckpt: str, arguments: list[str], patch_size: int, path
     return [float(bits[p::patch_size].mean(dtype=np.float64)) for p in range(patch_size)]
 
 
-def train(config: str, out: Path, name: str, overrides: list[str]) -> dict[str, Any]:
-    """Fit ``config`` (with the CLI ``overrides``), test its last checkpoint, return the figures."""
+def train(config: str, out: Path, name: str, overrides: list[str], test_checkpoint: str = "last") -> dict[str, Any]:
+    """Fit ``config`` (with the CLI ``overrides``), test its ``last`` checkpoint or its ``best`` one (lowest
+    val bpb: for a small data set that the budget overfits), return the figures."""
     run_folder = [
         f"--trainer.logger.init_args.save_dir={out}", f"--trainer.logger.init_args.name={name}",
         f"--trainer.default_root_dir={out / name}", "--trainer.enable_progress_bar=false",
@@ -130,7 +131,10 @@ def train(config: str, out: Path, name: str, overrides: list[str]) -> dict[str, 
     # The model and the data come from the checkpoint (the --data.* arguments given again hold the same
     # values); the Trainer does not: test on the fit's kind of device and precision, on one device (a
     # DistributedSampler would repeat windows to even out the shards), logged inside the run's folder.
-    ckpt = trainer.checkpoint_callback.last_model_path
+    checkpoints = trainer.checkpoint_callback
+    ckpt = checkpoints.best_model_path if test_checkpoint == "best" else checkpoints.last_model_path
+    if not ckpt:
+        raise RuntimeError(f"the fit wrote no {test_checkpoint} checkpoint (no validation ran?)")
     ckpt_step = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)["global_step"]
     test_trainer = [
         f"--trainer.accelerator={device.type}", "--trainer.devices=1", f"--trainer.precision={trainer.precision}",
@@ -164,6 +168,7 @@ def train(config: str, out: Path, name: str, overrides: list[str]) -> dict[str, 
         "forward_flops_per_byte": forward.linear + forward.attention + forward.short_attention,
         "val_curve": curve,
         "checkpoint": ckpt,
+        "tested_checkpoint": test_checkpoint,
         "checkpoint_step": ckpt_step,  # last.ckpt is written at validations: the last one's step
         "test_bytes": len(datamodule.splits["test"]) if isinstance(datamodule, TextDataModule) else None,
         "test_bpb": test_bpb,
@@ -326,6 +331,8 @@ def cli_main(argv: list[str] | None = None) -> None:
     train_parser.add_argument("--config", required=True)
     train_parser.add_argument("--out", required=True, type=Path, help="folder of the results")
     train_parser.add_argument("--name", help="name of the run; default: the config file's stem")
+    train_parser.add_argument("--test_checkpoint", choices=("last", "best"), default="last",
+                              help="test the fit's last checkpoint or its best (lowest val bpb)")
     compressor_parser = subcommands.add_parser("compressors", allow_abbrev=False, help="compress the test split")
     compressor_parser.add_argument("--data", required=True, help="the corpus, as --data.path of TextDataModule")
     compressor_parser.add_argument("--out", required=True, type=Path, help="folder of the results")
@@ -343,7 +350,7 @@ def cli_main(argv: list[str] | None = None) -> None:
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
         name = args.name or Path(args.config).stem
         args.out.mkdir(parents=True, exist_ok=True)
-        r = train(args.config, args.out, name, overrides)
+        r = train(args.config, args.out, name, overrides, args.test_checkpoint)
         (args.out / f"{name}.json").write_text(json.dumps(r, indent=1) + "\n")
         strided = "" if r["strided_test_bpb"] is None else f" (strided {r['strided_test_bpb']:.4f})"
         last_val = f"{r['val_curve'][-1]['bpb']:.4f}" if r["val_curve"] else "-"

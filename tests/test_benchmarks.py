@@ -6,6 +6,7 @@ import lzma
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -182,13 +183,22 @@ def test_quality_compressors_compress_the_datamodules_test_split(text_file, tmp_
     assert f"gzip (gzip -9): {gzip_bpb:.4f} bits per byte on {len(test):,} test bytes" in printed
 
 
+def bpb_by_hand(checkpoint: str, test: bytes, window: int = 64) -> float:
+    """Bits per byte of ``checkpoint``'s model over ``test``, in consecutive windows of ``window`` bytes."""
+    lm = MegaByteLM.load_from_checkpoint(checkpoint, map_location="cpu").eval()
+    with torch.no_grad():
+        windows = [torch.tensor(list(test[i : i + window]))[None] for i in range(0, len(test), window)]
+        return sum(bits_per_byte(lm.model(x), x).sum().item() for x in windows) / len(test)
+
+
 def test_quality_trains_both_models_tests_them_and_tabulates(text_file, tmp_path, capsys):
     out, cache = tmp_path / "results", tmp_path / "cache"
     # 4 optimizer steps, a validation every 2 (the configs' split: 0.96 / 0.02 / 0.02)
     schedule = ["--trainer.max_steps=4", "--trainer.max_time=null", "--trainer.val_check_interval=2",
                 "--trainer.limit_val_batches=2", f"--data.path={text_file}", f"--data.cache_dir={cache}"]  # fmt: skip
     quality_main("train", "--config=configs/quickstart.yaml", f"--out={out}", *TINY, *schedule)
-    quality_main("train", "--config=configs/transformer-baseline.yaml", f"--out={out}", *TINY_TRANSFORMER, *schedule)
+    quality_main("train", "--config=configs/transformer-baseline.yaml", f"--out={out}", "--test_checkpoint=best",
+                 *TINY_TRANSFORMER, *schedule)  # fmt: skip
     quality_main("compressors", f"--data={text_file}", f"--out={out}", "--split", "0.96", "0.02", "0.02",
                  f"--cache_dir={cache}")  # fmt: skip
     capsys.readouterr()
@@ -198,20 +208,23 @@ def test_quality_trains_both_models_tests_them_and_tabulates(text_file, tmp_path
     test = data[len(data) * 98 // 100 :]
 
     for r in (megabyte, transformer):
-        assert r["steps"] == 4 and r["checkpoint_step"] == 4 and r["bytes_seen"] == 4 * 2 * 64  # steps x batch x T
+        assert r["steps"] == 4 and r["bytes_seen"] == 4 * 2 * 64  # steps x batch x T
         assert [(p["step"], p["bytes"]) for p in r["val_curve"]] == [(1, 2 * 2 * 64), (3, 4 * 2 * 64)]
         seconds = [p["seconds"] for p in r["val_curve"]]
         assert 0 < seconds[0] < seconds[1] < r["fit_seconds"] and all(0 < p["bpb"] < 9 for p in r["val_curve"])
         assert r["test_bytes"] == len(test) and r["test_seconds"] > 0 and r["peak_memory_gib"] is None
     assert (megabyte["model"], transformer["model"]) == ("MegaByte", "ByteTransformer")
+    # MegaByte is tested at its last checkpoint; the transformer (--test_checkpoint best) at its lowest val bpb.
+    assert megabyte["tested_checkpoint"] == "last" and megabyte["checkpoint_step"] == 4
+    best = min(transformer["val_curve"], key=lambda p: p["bpb"])
+    assert transformer["tested_checkpoint"] == "best" and transformer["checkpoint_step"] == best["step"] + 1
+    assert Path(transformer["checkpoint"]).name.startswith(f"best-step{best['step'] + 1}-")
+    assert transformer["test_bpb"] == pytest.approx(bpb_by_hand(transformer["checkpoint"], test), rel=1e-6)
     assert 0 < transformer["test_bpb"] < 9 and transformer["strided_test_bpb"] is None
 
     # Test bpb is exact over the whole test split, of the checkpoint the fit wrote last: a pass by hand.
+    assert megabyte["test_bpb"] == pytest.approx(bpb_by_hand(megabyte["checkpoint"], test), rel=1e-6)
     lm = MegaByteLM.load_from_checkpoint(megabyte["checkpoint"], map_location="cpu").eval()
-    with torch.no_grad():
-        windows = [torch.tensor(list(test[i : i + 64]))[None] for i in range(0, len(test), 64)]
-        total_bits = sum(bits_per_byte(lm.model(x), x).sum().item() for x in windows)
-    assert megabyte["test_bpb"] == pytest.approx(total_bits / len(test), rel=1e-6)
     strided = megabyte["strided_test_bpb"]
     assert 0 < strided < 9 and strided != pytest.approx(megabyte["test_bpb"], rel=1e-5)
     assert megabyte["strided_test_seconds"] > 0

@@ -20,15 +20,20 @@ CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
 def tiny_arch(arch: dict) -> dict:
     if arch["class_path"] == "megabyte.ByteTransformerConfig":
         return {"d_model": 32, "n_layers": 1, "n_heads": 2}
-    # d_global must stay a multiple of the config's patch size
-    return {"d_global": 4 * arch["init_args"]["patch_size"], "n_global_layers": 1, "n_global_heads": 2,
+    # d_global must stay a multiple of the config's patch size, and at least d_local
+    P = arch["init_args"]["patch_size"]
+    return {"d_global": P * max(4, -(-16 // P)), "n_global_layers": 1, "n_global_heads": 2,
             "d_local": 16, "n_local_layers": 1, "n_local_heads": 2}  # fmt: skip
 
 
-def tiny_data(data_class: str, text_file: Path, tmp_path: Path) -> list[str]:
-    """Small real media of the config's modality, and a sequence length to match."""
+def tiny_data(data: dict, text_file: Path, tmp_path: Path) -> list[str]:
+    """Small real media of the config's modality (``data``: its data block), and a sequence length to match."""
+    data_class = data["class_path"]
     if data_class == "datamodules.ImageDataModule":
-        return [f"--data.path={write_image_folder(tmp_path / 'images', n=12)}", "--data.image_size=8"]
+        images = [f"--data.path={write_image_folder(tmp_path / 'images', n=12)}", "--data.image_size=8"]
+        if data.get("init_args", {}).get("test_path"):  # a test set of its own, as cifar10-test.tar.gz
+            images.append(f"--data.test_path={write_image_folder(tmp_path / 'test_images', n=4, seed=1)}")
+        return images
     if data_class == "datamodules.AudioDataModule":
         return [f"--data.path={write_wav_folder(tmp_path / 'audio', n=12)}", "--data.seq_len=64"]
     return [f"--data.path={text_file}", "--data.seq_len=32"]
@@ -49,7 +54,7 @@ def tiny_args(config: Path, text_file: Path, tmp_path: Path) -> list[str]:
     return [
         f"--config={config}",
         *(f"--model.arch.init_args.{k}={v}" for k, v in tiny_arch(parsed["model"]["arch"]).items()),
-        *tiny_data(parsed["data"]["class_path"], text_file, tmp_path),
+        *tiny_data(parsed["data"], text_file, tmp_path),
         "--data.batch_size=2", "--data.num_workers=0", f"--data.cache_dir={tmp_path / 'cache'}",
         *cpu_trainer_args(tmp_path),
     ]  # fmt: skip
