@@ -45,7 +45,8 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from cli import MegaByteCLI, main
-from datamodules import TextDataModule
+from datamodules import ImageDataModule, TextDataModule
+from datamodules.base import ByteDataModule
 from megabyte import MegaByteConfig
 from megabyte.flops import forward_flops_per_byte, training_flops_per_byte
 
@@ -112,6 +113,13 @@ def bpb_by_patch_position(ckpt: str, arguments: list[str], patch_size: int, path
     return [float(bits[p::patch_size].mean(dtype=np.float64)) for p in range(patch_size)]
 
 
+def split_bytes(datamodule: ByteDataModule, split: str) -> int:
+    """Bytes in a split of a set-up DataModule: a text or audio split is one byte stream, an image split
+    holds images of seq_len bytes."""
+    rows = datamodule.splits[split]
+    return len(rows) * datamodule.seq_len if isinstance(datamodule, ImageDataModule) else len(rows)
+
+
 def train(config: str, out: Path, name: str, overrides: list[str], test_checkpoint: str = "last") -> dict[str, Any]:
     """Fit ``config`` (with the CLI ``overrides``), test its ``last`` checkpoint or its ``best`` one (lowest
     val bpb: for a small data set that the budget overfits), return the figures."""
@@ -170,7 +178,7 @@ def train(config: str, out: Path, name: str, overrides: list[str], test_checkpoi
         "checkpoint": ckpt,
         "tested_checkpoint": test_checkpoint,
         "checkpoint_step": ckpt_step,  # last.ckpt is written at validations: the last one's step
-        "test_bytes": len(datamodule.splits["test"]) if isinstance(datamodule, TextDataModule) else None,
+        "test_bytes": split_bytes(datamodule, "test"),
         "test_bpb": test_bpb,
         "test_seconds": test_seconds,
         "strided_test_bpb": strided_bpb,  # two passes: twice the forward FLOPs per byte
@@ -290,11 +298,14 @@ def notes(runs: list[dict[str, Any]], compressor_rows: list[dict[str, Any]]) -> 
         lines.append(f"- {r['name']}: {r['device']}, {r['precision']}{memory}, batch {r['batch']} x {r['seq_len']} "
                      f"bytes, tested at step {r['checkpoint_step']:,}, {r['date']}")  # fmt: skip
     lines += [f"- {c['tool']}: {c['note']}" for c in compressor_rows if c.get("note")]
-    test_bytes = {r["test_bytes"] for r in runs} | {c["test_bytes"] for c in compressor_rows}
-    if len(test_bytes) == 1 and None not in test_bytes:
-        lines.append(f"- test split: {test_bytes.pop():,} bytes, the same for every row")
+    unrecorded = [r["name"] for r in runs if r["test_bytes"] is None]  # results written before it was recorded
+    if unrecorded:
+        lines.append(f"- test split size not recorded: {', '.join(unrecorded)}")
+    test_bytes = {r["test_bytes"] for r in runs if r["test_bytes"] is not None} | {c["test_bytes"] for c in compressor_rows}
+    if len(test_bytes) == 1:
+        lines.append(f"- test split: {test_bytes.pop():,} bytes, the same for every row that records it")
     elif test_bytes:
-        lines.append(f"- WARNING: the rows' test splits differ ({sorted(test_bytes, key=str)} bytes)")
+        lines.append(f"- WARNING: the rows' test splits differ ({sorted(test_bytes)} bytes)")
     return lines
 
 

@@ -16,7 +16,9 @@ from benchmarks import quality
 from megabyte import MegaByte, MegaByteConfig, MegaByteLM
 from megabyte.flops import training_flops_per_byte
 from megabyte.lm import bits_per_byte
+from datamodules import ImageDataModule, TextDataModule
 from tests.conftest import REPO
+from tests.image_files import write_image_folder
 
 TINY = [
     "--model.arch.init_args.d_global=32", "--model.arch.init_args.n_global_heads=2",
@@ -249,5 +251,32 @@ def test_quality_trains_both_models_tests_them_and_tabulates(text_file, tmp_path
     assert rows[1][4:6] == ["4", "512"] and rows[1][8:10] == [f"{megabyte['test_bpb']:.4f}", f"{strided:.4f}"]
     assert len(rows) == 1 + 2 + 5 and all(row[1] == "compressor" for row in rows[3:])
     assert rows[4][0] == "| `xz -9e -T1` given the training split"
-    assert f"- test split: {len(test):,} bytes, the same for every row" in lines
+    assert f"- test split: {len(test):,} bytes, the same for every row that records it" in lines
     assert (out / "val_bpb.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_quality_counts_the_bytes_of_every_modalitys_test_split(text_file, tmp_path):
+    """Text and audio splits are byte streams, an image split is images of seq_len bytes each."""
+    folder = write_image_folder(tmp_path / "images", n=12, size=8)
+    test_folder = write_image_folder(tmp_path / "test_images", n=5, size=8, seed=1)
+    images = ImageDataModule(str(folder), test_path=str(test_folder), image_size=8, channels=3, num_workers=0,
+                             cache_dir=str(tmp_path / "cache"))  # fmt: skip
+    text = TextDataModule(str(text_file), seq_len=16, split=(0.8, 0.1, 0.1), num_workers=0, cache_dir=str(tmp_path / "cache"))
+    for datamodule in (images, text):
+        datamodule.prepare_data()
+        datamodule.setup("fit")
+    assert quality.split_bytes(images, "test") == 5 * 8 * 8 * 3
+    n = len(text_file.read_bytes())
+    assert quality.split_bytes(text, "test") == n - n * 9 // 10
+
+
+def test_quality_table_notes_test_splits_of_unknown_size_without_a_false_warning():
+    def run(name: str, test_bytes: int | None) -> dict:
+        return {"name": name, "test_bytes": test_bytes, "peak_memory_gib": None, "device": "cpu", "precision": "32",
+                "batch": 2, "seq_len": 8, "checkpoint_step": 4, "date": "today"}  # fmt: skip
+
+    lines = quality.notes([run("a", 100), run("b", None), run("c", 100)], [])
+    assert "- test split size not recorded: b" in lines
+    assert "- test split: 100 bytes, the same for every row that records it" in lines
+    assert not any("WARNING" in line for line in quality.notes([run("a", None), run("b", None)], []))
+    assert "- WARNING: the rows' test splits differ ([100, 200] bytes)" in quality.notes([run("a", 100), run("b", 200)], [])
