@@ -2,7 +2,7 @@
 
 Three subcommands, each usable alone (each model's ``train`` fits in one 10-minute GPU job)::
 
-    python benchmarks/quality.py train --config configs/bench/quality/text-megabyte.yaml --out results \\
+    python benchmarks/quality.py train --config configs/bench/quality/text-megabyte-p2.yaml --out results \\
         --data.path $MEGABYTE_DATA/text/docs-prose.txt.gz
     python benchmarks/quality.py train --config configs/bench/quality/text-transformer.yaml --out results \\
         --data.path $MEGABYTE_DATA/text/docs-prose.txt.gz
@@ -10,7 +10,8 @@ Three subcommands, each usable alone (each model's ``train`` fits in one 10-minu
     python benchmarks/quality.py table results --plot results/val_bpb.png
 
 ``train`` fits a config through the product's own path (``cli.main(["fit", ...])``; extra arguments go
-to the CLI unchanged), then tests the checkpoint it wrote last on the whole test split through
+to the CLI unchanged), then tests the checkpoint it wrote last (``--test_checkpoint best``: the one of
+the lowest val bpb, for a small data set that the budget may overfit) on the whole test split through
 ``cli.main(["test", "--ckpt_path", ...])``: plainly and, for MegaByte, with the paper's strided
 inference (``--model.strided_eval true``, two passes). It writes ``DIR/<name>.json`` (name: the
 config's stem): FLOPs per byte (``megabyte.flops``), optimizer steps, bytes seen, wall-clock, the
@@ -24,7 +25,8 @@ must be the configs' ``data.split``) with ``xz -9e``, alone and given the traini
 ``zstd --ultra -22``, ``bzip2 -9`` and ``gzip -9``, into ``DIR/compressors.json``. It needs no GPU.
 A tool that is not installed is skipped with a note.
 
-``table`` prints every result in ``DIR`` as one Markdown table, in the manner of the paper's Table 2,
+``table`` prints every result in ``DIR`` (not its subfolders: one folder a data set, e.g. ``results/image``)
+as one Markdown table, in the manner of the paper's Table 2,
 and plots val bpb against bytes seen and against wall-clock (``--plot``, a PNG).
 """
 
