@@ -28,7 +28,7 @@ from callbacks.predictions import BitsWriter
 from callbacks.samples import SampleCallback, check_sample_options, generate_samples, validation_prompts
 from callbacks.throughput import ThroughputCallback
 from datamodules.base import ByteDataModule
-from megabyte import MegaByteLM
+from megabyte import MegaByteConfig, MegaByteLM
 from megabyte.generation import check_sampling
 
 
@@ -252,6 +252,15 @@ class MegaByteCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         fill_data_parallel_size(config["trainer"])
+
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        # A warning, not an error: misaligned patches train (the paper's raster-scan images do), only worse.
+        arch, datamodule = self.model.config, self.datamodule
+        if isinstance(arch, MegaByteConfig) and isinstance(datamodule, ByteDataModule):
+            mismatch = datamodule.patch_mismatch(arch.patch_size)
+            if mismatch:
+                rank_zero_warn(mismatch)
 
     RUN_OPTIONS = ("strided_eval", "compile", "compile_mode", "activation_checkpointing", "local_chunk_patches")
     """Model options that change how a checkpoint's model runs, not what it is: the command line and a

@@ -434,6 +434,18 @@ class AudioDataModule(ByteDataModule):
         n_windows = max(self.batch_size, len(self.splits["train"]) // self.seq_len)
         return self._train_loader(windows, n_windows, replacement=True)
 
+    def patch_mismatch(self, patch_size: int) -> str | None:
+        """A MegaByte patch should hold whole samples (the paper's audio patch: 32 bytes, 16 samples of pcm16)."""
+        if patch_size % self.bytes_per_sample == 0:
+            return None
+        lower = patch_size // self.bytes_per_sample * self.bytes_per_sample
+        choices = " or ".join(str(n) for n in (lower, lower + self.bytes_per_sample) if n > 0)
+        return (
+            f"model patch_size {patch_size} is not a whole number of {self.encoding} samples "
+            f"({self.bytes_per_sample} bytes each), so MegaByte's patches split samples: use "
+            f"--model.arch.init_args.patch_size {choices}"
+        )
+
     def eval_dataset(self, split: str) -> Dataset:
         """Consecutive windows of ``seq_len`` bytes covering the split once (the last may be shorter)."""
         return EvalWindows(self.splits[split], self.seq_len)

@@ -63,6 +63,12 @@ class ByteDataModule(L.LightningDataModule):
         medium's (``.txt``, ``.png``, ``.wav``). Returns the path written."""
         raise NotImplementedError
 
+    def patch_mismatch(self, patch_size: int) -> str | None:
+        """Why MegaByte patches of ``patch_size`` bytes would cut across the units of this data (pixel
+        blocks, audio samples), with the setting that fixes it; None when they do not. Here: None (text
+        has no units of a fixed size). The CLI warns with it."""
+        return None
+
     def encode_file(self, path: str | Path) -> torch.Tensor:
         """A file of the medium -> its bytes as the model sees them, uint8 (L,). Here: the file's
         bytes as they are; the image and audio DataModules decode and encode their media."""

@@ -628,6 +628,18 @@ class ImageDataModule(ByteDataModule):
         n_images = json.loads((folder / "meta.json").read_text())["images"]
         return np.memmap(folder / "images.bin", dtype=np.uint8, mode="r", shape=(n_images, self.seq_len))
 
+    def patch_mismatch(self, patch_size: int) -> str | None:
+        """In the patch scan a MegaByte patch should be one pixel block, scan_patch^2 x channels bytes (the
+        paper's 2 x 2 x 3 = 12 for ImageNet 64); the raster scan has no block to match."""
+        p, block = self.scan_patch, self.scan_patch**2 * self.channels
+        if self.scan != "patch" or patch_size == block:
+            return None
+        return (
+            f"model patch_size {patch_size} does not match the patch scan's {p} x {p} x {self.channels} = {block}-byte "
+            f"pixel blocks, so MegaByte's patches cut across blocks: use --model.arch.init_args.patch_size {block}, "
+            f"or data.scan_patch and data.channels whose block is {patch_size} bytes"
+        )
+
     def setup(self, stage: str | None = None) -> None:
         """Memory-map the cached images and split them into train / val (/ test) by image."""
         if self.splits:

@@ -380,3 +380,12 @@ def test_fsdd_archive_loads_with_the_official_split_and_trains(data_dir, tmp_pat
     trainer.fit(lm, dm)
     assert trainer.global_step == 3
     assert 0 < trainer.callback_metrics["val/bpb"].item() < 9
+
+
+def test_patch_mismatch_asks_for_whole_samples():
+    assert AudioDataModule("x", seq_len=64, encoding="pcm16").patch_mismatch(32) is None
+    assert AudioDataModule("x", seq_len=64, encoding="mulaw").patch_mismatch(7) is None  # 1 byte a sample
+    message = AudioDataModule("x", seq_len=64, encoding="pcm16").patch_mismatch(33)
+    assert "patch_size 33 is not a whole number of pcm16 samples (2 bytes each)" in message
+    assert message.endswith("--model.arch.init_args.patch_size 32 or 34")
+    assert AudioDataModule("x", seq_len=64, encoding="pcm16").patch_mismatch(1).endswith("patch_size 2")

@@ -1,5 +1,6 @@
 """Every YAML in configs/ trains a few steps through the CLI (tiny overrides), then tests its checkpoint."""
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -183,3 +184,15 @@ def test_memory_options_are_run_options(text_file, tmp_path, monkeypatch):
     assert memory_options(kept.model.model) == (True, True, 3) and memory_options(off.model.model) == (False, False, None)
     bpb = [cli.trainer.callback_metrics["val/bpb"].item() for cli in (kept, off)]
     assert bpb[0] == pytest.approx(bpb[1], rel=1e-6) and 0 < bpb[0] < 9
+
+
+def test_cli_warns_when_patches_cut_across_pixel_blocks(tmp_path):
+    """MNIST in RGB keeps configs/image/mnist.yaml's patch_size 4, which no longer is one 2 x 2 x 3 block."""
+    args = [f"--config={REPO / 'configs' / 'image' / 'mnist.yaml'}", *cpu_trainer_args(tmp_path),
+            f"--data.path={write_image_folder(tmp_path / 'images', n=4)}", "--data.image_size=8"]  # fmt: skip
+    with pytest.warns(UserWarning, match="patch_size 4 does not match the patch scan's 2 x 2 x 3 = 12-byte"):
+        main([*args, "--data.channels=3"], run=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        warnings.filterwarnings("ignore", message="(?!model patch_size)")  # only the patch warning is an error
+        main([*args, "--data.channels=1"], run=False)

@@ -122,6 +122,15 @@ def test_seq_len_from_args():
     assert ImageDataModule(image_size=(4, 6), channels=3).seq_len == 72
 
 
+def test_patch_mismatch_names_the_block_a_megabyte_patch_should_be():
+    assert ImageDataModule(channels=3, scan="patch", scan_patch=2).patch_mismatch(12) is None
+    assert ImageDataModule(channels=1, scan="patch", scan_patch=2).patch_mismatch(4) is None
+    assert ImageDataModule(channels=3, scan="raster").patch_mismatch(5) is None  # no block to match
+    message = ImageDataModule(channels=3, scan="patch", scan_patch=2).patch_mismatch(4)
+    assert "patch_size 4 does not match the patch scan's 2 x 2 x 3 = 12-byte pixel blocks" in message
+    assert "--model.arch.init_args.patch_size 12" in message
+
+
 # -- sources ------------------------------------------------------------------------------------------
 
 
