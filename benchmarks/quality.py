@@ -20,10 +20,15 @@ checkpoints go to ``DIR/<name>/version_<n>/``. ``last.ckpt`` is written at valid
 stops between two is tested as of the last one (``checkpoint_step``); in a 10-minute job, the config's
 ``max_time`` must leave time for the test passes.
 
-``compressors`` compresses the same test split (the TextDataModule's own split of the file; ``--split``
-must be the configs' ``data.split``) with ``xz -9e``, alone and given the training split first,
-``zstd --ultra -22``, ``bzip2 -9`` and ``gzip -9``, into ``DIR/compressors.json``. It needs no GPU.
-A tool that is not installed is skipped with a note.
+``compressors`` compresses the same test split with ``xz -9e``, alone and given the training split
+first, ``zstd --ultra -22``, ``bzip2 -9`` and ``gzip -9``, into ``DIR/compressors.json``. It needs no
+GPU. A tool that is not installed is skipped with a note. The data: ``--data FILE``, a text corpus
+split as the TextDataModule splits it (``--split`` must be the configs' ``data.split``), or
+``--config CONFIG`` with ``--data.*`` arguments, the data of any modality. Images also get PNG (a file
+per test image) and 16-bit audio FLAC (a file per test recording), their media's lossless codecs::
+
+    python benchmarks/quality.py compressors --config configs/bench/quality/image-megabyte.yaml --out results/image \\
+        --data.path $MEGABYTE_DATA/images/cifar10-train.tar.gz --data.test_path $MEGABYTE_DATA/images/cifar10-test.tar.gz
 
 ``table`` prints every result in ``DIR`` (not its subfolders: one folder a data set, e.g. ``results/image``)
 as one Markdown table, in the manner of the paper's Table 2,
@@ -31,6 +36,7 @@ and plots val bpb against bytes seen and against wall-clock (``--plot``, a PNG).
 """
 
 import argparse
+import io
 import json
 import shutil
 import subprocess
@@ -43,11 +49,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import soundfile
 import torch
+import yaml
+from jsonargparse import ArgumentParser
+from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from cli import MegaByteCLI, main
-from datamodules import ImageDataModule, TextDataModule
+from datamodules import AudioDataModule, ImageDataModule, TextDataModule
 from datamodules.base import ByteDataModule
 from megabyte import MegaByteConfig
 from megabyte.flops import forward_flops_per_byte, training_flops_per_byte
@@ -216,26 +226,84 @@ def compressed_test_split(command: list[str], train: bytes, test: bytes, given_t
     return compressed_size(command, train + test) - compressed_size(command, train)
 
 
-def compressors(data: str, split: tuple[float, float, float], cache_dir: str | None) -> list[dict[str, Any]]:
-    """Bits per byte of each compressor on the test split: the TextDataModule's own split of ``data``."""
-    datamodule = TextDataModule(data, seq_len=1, split=split, num_workers=0, cache_dir=cache_dir)
+def png_size(datamodule: ImageDataModule, test: bytes) -> int:
+    """Bytes of the test images as PNG files, one file per image (Pillow, compress_level 9, optimized)."""
+    total = 0
+    for start in range(0, len(test), datamodule.seq_len):
+        pixels = datamodule.decode(test[start : start + datamodule.seq_len]).permute(1, 2, 0).numpy()  # (H, W, C)
+        buffer = io.BytesIO()
+        Image.fromarray(pixels[..., 0] if datamodule.channels == 1 else pixels).save(buffer, "PNG", optimize=True)
+        total += len(buffer.getvalue())
+    return total
+
+
+def flac_size(datamodule: AudioDataModule, test: bytes) -> int:
+    """Bytes of the test recordings (16-bit PCM) as FLAC files, one file per recording (libsndfile)."""
+    total, offset = 0, 0
+    for n_bytes in datamodule.files["test"].values():
+        samples = np.frombuffer(test[offset : offset + n_bytes], dtype="<i2")
+        buffer = io.BytesIO()
+        soundfile.write(buffer, samples, datamodule.sample_rate, format="FLAC", subtype="PCM_16")
+        total, offset = total + len(buffer.getvalue()), offset + n_bytes
+    return total
+
+
+def media_codec(datamodule: ByteDataModule) -> tuple[str, str, Any] | None:
+    """(name, command, size function) of the lossless codec of the data's medium: PNG for images, FLAC
+    for 16-bit PCM audio; None for text (and mu-law audio, which FLAC does not take)."""
+    if isinstance(datamodule, ImageDataModule):
+        return "PNG", "Pillow PNG -9, a file per image", png_size
+    if isinstance(datamodule, AudioDataModule) and datamodule.encoding == "pcm16":
+        return "FLAC", "libsndfile FLAC, a file per recording", flac_size
+    return None
+
+
+def compressors(datamodule: ByteDataModule, source: dict[str, Any]) -> list[dict[str, Any]]:
+    """Bits per byte of each compressor on the test split of ``datamodule`` (prepared and set up here):
+    the general-purpose tools on its bytes, and the medium's own lossless codec (``media_codec``).
+    ``source``: what the rows record about the data."""
     datamodule.prepare_data()
     datamodule.setup("test")
-    train, test = (datamodule.splits[s].tobytes() for s in ("train", "test"))
+    train, test = (split_data(datamodule, s) for s in ("train", "test"))
     installed = [c for c in COMPRESSORS if shutil.which(c[1][0])]
     with ThreadPoolExecutor(max(1, len(installed))) as pool:  # single-threaded tools: run them side by side
         sizes = pool.map(lambda c: compressed_test_split(c[1], train, test, c[2]), installed)
         costs = {name: size for (name, _, _), size in zip(installed, sizes)}
+    tools = list(COMPRESSORS)
+    codec = media_codec(datamodule)
+    if codec is not None:
+        name, command, size = codec
+        costs[name] = size(datamodule, test)
+        tools.append((name, [command], False))
     results = []
-    for name, command, given_train in COMPRESSORS:
-        result = {"tool": name, "command": " ".join(command), "given_training_split": given_train,
-                  "data": data, "split": split, "test_bytes": len(test), "train_bytes": len(train)}  # fmt: skip
+    for name, command, given_train in tools:
+        result = {"tool": name, "command": " ".join(command), "given_training_split": given_train, **source,
+                  "test_bytes": len(test), "train_bytes": len(train)}  # fmt: skip
         if name in costs:
             result.update(compressed_bytes=costs[name], bits_per_byte=8 * costs[name] / len(test))
         else:
             result.update(bits_per_byte=None, note=f"{command[0]} is not installed: skipped")
         results.append(result)
     return results
+
+
+def split_data(datamodule: ByteDataModule, split: str) -> bytes:
+    """The bytes of a set-up DataModule's split: a text or audio byte stream, or its images one after another."""
+    rows = datamodule.splits[split]
+    if isinstance(datamodule, ImageDataModule):
+        return b"".join(rows[i].numpy().tobytes() for i in range(len(rows)))
+    return np.asarray(rows).tobytes()
+
+
+def datamodule_from_config(config: str, overrides: list[str]) -> ByteDataModule:
+    """The DataModule of a CLI config file's ``data:`` block, with ``--data.*`` arguments on top."""
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_subclass_arguments(ByteDataModule, "data", required=True)
+    data = yaml.safe_load(Path(config).read_text())["data"]
+    namespace = parser.parse_args([f"--data={json.dumps(data)}", *overrides])
+    # jsonargparse 4.49 renamed instantiate_classes to instantiate
+    instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes
+    return instantiate(namespace).data
 
 
 # -- table and plot ------------------------------------------------------------------------------
@@ -347,7 +415,8 @@ def cli_main(argv: list[str] | None = None) -> None:
     train_parser.add_argument("--test_checkpoint", choices=("last", "best"), default="last",
                               help="test the fit's last checkpoint or its best (lowest val bpb)")
     compressor_parser = subcommands.add_parser("compressors", allow_abbrev=False, help="compress the test split")
-    compressor_parser.add_argument("--data", required=True, help="the corpus, as --data.path of TextDataModule")
+    compressor_parser.add_argument("--data", help="a text corpus, as --data.path of TextDataModule")
+    compressor_parser.add_argument("--config", help="a config file: its data (any modality), with --data.* arguments on top")
     compressor_parser.add_argument("--out", required=True, type=Path, help="folder of the results")
     compressor_parser.add_argument("--split", type=float, nargs=3, default=(0.9, 0.05, 0.05), help="train / val / test")
     compressor_parser.add_argument("--cache_dir", help="TextDataModule's cache_dir (default: its default)")
@@ -355,7 +424,7 @@ def cli_main(argv: list[str] | None = None) -> None:
     table_parser.add_argument("folder", type=Path)
     table_parser.add_argument("--plot", type=Path, help="the PNG; default FOLDER/val_bpb.png")
     args, overrides = parser.parse_known_args(argv)
-    if overrides and args.subcommand != "train":
+    if overrides and not (args.subcommand == "train" or args.subcommand == "compressors" and args.config):
         parser.error(f"unrecognized arguments: {' '.join(overrides)}")
 
     if args.subcommand == "train":
@@ -371,7 +440,13 @@ def cli_main(argv: list[str] | None = None) -> None:
               f"{si(r['bytes_seen'])} bytes in {minutes(r['fit_seconds'])}; val bpb {last_val}; "
               f"test bpb {r['test_bpb']:.4f}{strided} -> {args.out / f'{name}.json'}")  # fmt: skip
     elif args.subcommand == "compressors":
-        results = compressors(args.data, tuple(args.split), args.cache_dir)
+        if (args.data is None) == (args.config is None):
+            parser.error("compressors takes --data FILE (a text corpus) or --config CONFIG (its data: block)")
+        if args.config is not None:
+            results = compressors(datamodule_from_config(args.config, overrides), {"data": args.config, "overrides": overrides})
+        else:
+            datamodule = TextDataModule(args.data, seq_len=1, split=tuple(args.split), num_workers=0, cache_dir=args.cache_dir)
+            results = compressors(datamodule, {"data": args.data, "split": tuple(args.split)})
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / COMPRESSORS_JSON).write_text(json.dumps(results, indent=1) + "\n")
         for c in results:

@@ -1,8 +1,10 @@
 """The benchmark scripts run on the CPU with a tiny config, so CI keeps them working (no timing is checked)."""
 
 import bz2
+import io
 import json
 import lzma
+import re
 import shutil
 import subprocess
 import sys
@@ -10,13 +12,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import soundfile
 import torch
+from PIL import Image
 
 from benchmarks import quality
 from megabyte import MegaByte, MegaByteConfig, MegaByteLM
 from megabyte.flops import training_flops_per_byte
 from megabyte.lm import bits_per_byte
 from datamodules import ImageDataModule, TextDataModule
+from datamodules.image import image_to_bytes
+from tests.audio_files import FSDD_TEST_PATTERN, write_wav_folder
 from tests.conftest import REPO
 from tests.image_files import write_image_folder
 
@@ -280,3 +286,55 @@ def test_quality_table_notes_test_splits_of_unknown_size_without_a_false_warning
     assert "- test split: 100 bytes, the same for every row that records it" in lines
     assert not any("WARNING" in line for line in quality.notes([run("a", None), run("b", None)], []))
     assert "- WARNING: the rows' test splits differ ([100, 200] bytes)" in quality.notes([run("a", 100), run("b", 200)], [])
+
+
+def test_quality_compressors_of_an_image_config_add_png(tmp_path, capsys):
+    """--config takes any modality's data block; images also get PNG, a file per test image."""
+    train_folder = write_image_folder(tmp_path / "images", n=12, size=8)
+    test_folder = write_image_folder(tmp_path / "test_images", n=4, size=8, seed=1)
+    quality_main("compressors", "--config=configs/bench/quality/image-megabyte.yaml", f"--out={tmp_path}",
+                 f"--data.path={train_folder}", f"--data.test_path={test_folder}", "--data.image_size=8",
+                 f"--data.cache_dir={tmp_path / 'cache'}")  # fmt: skip
+    results = {c["tool"]: c for c in json.loads((tmp_path / "compressors.json").read_text())}
+    files = sorted(test_folder.rglob("*.png"))
+    # The test split by hand: each image in the 2 x 2 patch scan, in the folder's order.
+    test = b"".join(image_to_bytes(torch.from_numpy(np.array(Image.open(f))).permute(2, 0, 1), "patch", 2).tobytes()
+                    for f in files)  # fmt: skip
+    assert len(test) == 4 * 8 * 8 * 3 and all(c["test_bytes"] == len(test) for c in results.values())
+    assert results["xz"]["bits_per_byte"] == 8 * len(xz(test)) / len(test)
+    png = 0
+    for f in files:
+        buffer = io.BytesIO()
+        Image.open(f).save(buffer, "PNG", optimize=True)
+        png += len(buffer.getvalue())
+    assert results["PNG"]["compressed_bytes"] == png and results["PNG"]["bits_per_byte"] == 8 * png / len(test)
+    assert "PNG (Pillow PNG -9, a file per image):" in capsys.readouterr().out
+
+
+def test_quality_compressors_of_an_audio_config_add_flac(tmp_path):
+    """Audio also gets FLAC, a file per test recording (FSDD's official split: indices 0-4)."""
+    folder = write_wav_folder(tmp_path / "audio", n=12)
+    quality_main("compressors", "--config=configs/bench/quality/audio-megabyte.yaml", f"--out={tmp_path}",
+                 f"--data.path={folder}", "--data.seq_len=64", f"--data.cache_dir={tmp_path / 'cache'}")  # fmt: skip
+    results = {c["tool"]: c for c in json.loads((tmp_path / "compressors.json").read_text())}
+    files = sorted(f for f in folder.iterdir() if re.search(FSDD_TEST_PATTERN, f.name))
+    samples = [soundfile.read(f, dtype="int16")[0] for f in files]
+    test = b"".join(s.astype("<i2").tobytes() for s in samples)
+    assert len(files) == 2 and len(test) == 8000 and all(c["test_bytes"] == 8000 for c in results.values())
+    assert results["gzip"]["bits_per_byte"] == 8 * len(compressed(["gzip", "-9"], test)) / len(test)
+    flac = 0
+    for s in samples:
+        buffer = io.BytesIO()
+        soundfile.write(buffer, s, 8000, format="FLAC", subtype="PCM_16")
+        flac += len(buffer.getvalue())
+    assert results["FLAC"]["compressed_bytes"] == flac and 0 < results["FLAC"]["bits_per_byte"] < 8
+
+
+def test_quality_compressors_take_a_corpus_or_a_config(tmp_path, capsys):
+    for args in ([], ["--data=x.txt", "--config=configs/quickstart.yaml"]):
+        with pytest.raises(SystemExit):
+            quality_main("compressors", f"--out={tmp_path}", *args)
+        assert "compressors takes --data FILE (a text corpus) or --config CONFIG" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # --data.* arguments go with --config only
+        quality_main("compressors", f"--out={tmp_path}", "--data=x.txt", "--data.seq_len=8")
+    assert "unrecognized arguments: --data.seq_len=8" in capsys.readouterr().err
