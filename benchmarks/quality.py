@@ -132,6 +132,14 @@ def split_bytes(datamodule: ByteDataModule, split: str) -> int:
     return len(rows) * datamodule.seq_len if isinstance(datamodule, ImageDataModule) else len(rows)
 
 
+def split_data(datamodule: ByteDataModule, split: str) -> bytes:
+    """The bytes of a set-up DataModule's split: a text or audio byte stream, or its images one after another."""
+    rows = datamodule.splits[split]
+    if isinstance(datamodule, ImageDataModule):
+        return b"".join(rows[i].numpy().tobytes() for i in range(len(rows)))
+    return np.asarray(rows).tobytes()
+
+
 def train(config: str, out: Path, name: str, overrides: list[str], test_checkpoint: str = "last") -> dict[str, Any]:
     """Fit ``config`` (with the CLI ``overrides``), test its ``last`` checkpoint or its ``best`` one (lowest
     val bpb: for a small data set that the budget overfits), return the figures."""
@@ -285,14 +293,6 @@ def compressors(datamodule: ByteDataModule, source: dict[str, Any]) -> list[dict
             result.update(bits_per_byte=None, note=f"{command[0]} is not installed: skipped")
         results.append(result)
     return results
-
-
-def split_data(datamodule: ByteDataModule, split: str) -> bytes:
-    """The bytes of a set-up DataModule's split: a text or audio byte stream, or its images one after another."""
-    rows = datamodule.splits[split]
-    if isinstance(datamodule, ImageDataModule):
-        return b"".join(rows[i].numpy().tobytes() for i in range(len(rows)))
-    return np.asarray(rows).tobytes()
 
 
 def datamodule_from_config(config: str, overrides: list[str]) -> ByteDataModule:

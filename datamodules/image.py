@@ -629,15 +629,16 @@ class ImageDataModule(ByteDataModule):
         return np.memmap(folder / "images.bin", dtype=np.uint8, mode="r", shape=(n_images, self.seq_len))
 
     def patch_mismatch(self, patch_size: int) -> str | None:
-        """In the patch scan a MegaByte patch should be one pixel block, scan_patch^2 x channels bytes (the
-        paper's 2 x 2 x 3 = 12 for ImageNet 64); the raster scan has no block to match."""
+        """In the patch scan a MegaByte patch should hold whole pixel blocks of scan_patch^2 x channels bytes
+        (the paper: one block, 2 x 2 x 3 = 12 bytes for ImageNet 64); the raster scan has no block to match."""
         p, block = self.scan_patch, self.scan_patch**2 * self.channels
-        if self.scan != "patch" or patch_size == block:
+        if self.scan != "patch" or patch_size % block == 0:
             return None
         return (
-            f"model patch_size {patch_size} does not match the patch scan's {p} x {p} x {self.channels} = {block}-byte "
-            f"pixel blocks, so MegaByte's patches cut across blocks: use --model.arch.init_args.patch_size {block}, "
-            f"or data.scan_patch and data.channels whose block is {patch_size} bytes"
+            f"model patch_size {patch_size} is not a whole number of the patch scan's {p} x {p} x {self.channels} "
+            f"= {block}-byte pixel blocks, so MegaByte's patches do not line up with them: use "
+            f"--model.arch.init_args.patch_size {block} (one block, as in the paper), or data.scan_patch and "
+            f"data.channels whose block is {patch_size} bytes"
         )
 
     def setup(self, stage: str | None = None) -> None:

@@ -187,10 +187,10 @@ def test_memory_options_are_run_options(text_file, tmp_path, monkeypatch):
 
 
 def test_cli_warns_when_patches_cut_across_pixel_blocks(tmp_path):
-    """MNIST in RGB keeps configs/image/mnist.yaml's patch_size 4, which no longer is one 2 x 2 x 3 block."""
+    """MNIST in RGB keeps configs/image/mnist.yaml's patch_size 4, which no longer holds whole 2 x 2 x 3 blocks."""
     args = [f"--config={REPO / 'configs' / 'image' / 'mnist.yaml'}", *cpu_trainer_args(tmp_path),
             f"--data.path={write_image_folder(tmp_path / 'images', n=4)}", "--data.image_size=8"]  # fmt: skip
-    with pytest.warns(UserWarning, match="patch_size 4 does not match the patch scan's 2 x 2 x 3 = 12-byte"):
+    with pytest.warns(UserWarning, match="patch_size 4 is not a whole number of the patch scan's 2 x 2 x 3 = 12-byte"):
         main([*args, "--data.channels=3"], run=False)
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)

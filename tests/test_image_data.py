@@ -125,10 +125,11 @@ def test_seq_len_from_args():
 def test_patch_mismatch_names_the_block_a_megabyte_patch_should_be():
     assert ImageDataModule(channels=3, scan="patch", scan_patch=2).patch_mismatch(12) is None
     assert ImageDataModule(channels=1, scan="patch", scan_patch=2).patch_mismatch(4) is None
+    assert ImageDataModule(channels=3, scan="patch", scan_patch=2).patch_mismatch(24) is None  # two whole blocks
     assert ImageDataModule(channels=3, scan="raster").patch_mismatch(5) is None  # no block to match
     message = ImageDataModule(channels=3, scan="patch", scan_patch=2).patch_mismatch(4)
-    assert "patch_size 4 does not match the patch scan's 2 x 2 x 3 = 12-byte pixel blocks" in message
-    assert "--model.arch.init_args.patch_size 12" in message
+    assert "patch_size 4 is not a whole number of the patch scan's 2 x 2 x 3 = 12-byte pixel blocks" in message
+    assert "--model.arch.init_args.patch_size 12 (one block, as in the paper)" in message
 
 
 # -- sources ------------------------------------------------------------------------------------------
