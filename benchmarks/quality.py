@@ -418,8 +418,8 @@ def cli_main(argv: list[str] | None = None) -> None:
     compressor_parser.add_argument("--data", help="a text corpus, as --data.path of TextDataModule")
     compressor_parser.add_argument("--config", help="a config file: its data (any modality), with --data.* arguments on top")
     compressor_parser.add_argument("--out", required=True, type=Path, help="folder of the results")
-    compressor_parser.add_argument("--split", type=float, nargs=3, default=(0.9, 0.05, 0.05), help="train / val / test")
-    compressor_parser.add_argument("--cache_dir", help="TextDataModule's cache_dir (default: its default)")
+    compressor_parser.add_argument("--split", type=float, nargs=3, help="with --data: train / val / test (default 0.9 0.05 0.05)")
+    compressor_parser.add_argument("--cache_dir", help="with --data: TextDataModule's cache_dir (default: its default)")
     table_parser = subcommands.add_parser("table", allow_abbrev=False, help="print the table, plot the val curves")
     table_parser.add_argument("folder", type=Path)
     table_parser.add_argument("--plot", type=Path, help="the PNG; default FOLDER/val_bpb.png")
@@ -443,10 +443,13 @@ def cli_main(argv: list[str] | None = None) -> None:
         if (args.data is None) == (args.config is None):
             parser.error("compressors takes --data FILE (a text corpus) or --config CONFIG (its data: block)")
         if args.config is not None:
+            if args.split is not None or args.cache_dir is not None:
+                parser.error("--split and --cache_dir go with --data: with --config, give --data.split and --data.cache_dir")
             results = compressors(datamodule_from_config(args.config, overrides), {"data": args.config, "overrides": overrides})
         else:
-            datamodule = TextDataModule(args.data, seq_len=1, split=tuple(args.split), num_workers=0, cache_dir=args.cache_dir)
-            results = compressors(datamodule, {"data": args.data, "split": tuple(args.split)})
+            split = tuple(args.split or (0.9, 0.05, 0.05))
+            datamodule = TextDataModule(args.data, seq_len=1, split=split, num_workers=0, cache_dir=args.cache_dir)
+            results = compressors(datamodule, {"data": args.data, "split": split})
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / COMPRESSORS_JSON).write_text(json.dumps(results, indent=1) + "\n")
         for c in results:

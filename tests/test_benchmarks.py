@@ -17,11 +17,11 @@ import torch
 from PIL import Image
 
 from benchmarks import quality
+from datamodules import ImageDataModule, TextDataModule
+from datamodules.image import image_to_bytes
 from megabyte import MegaByte, MegaByteConfig, MegaByteLM
 from megabyte.flops import training_flops_per_byte
 from megabyte.lm import bits_per_byte
-from datamodules import ImageDataModule, TextDataModule
-from datamodules.image import image_to_bytes
 from tests.audio_files import FSDD_TEST_PATTERN, write_wav_folder
 from tests.conftest import REPO
 from tests.image_files import write_image_folder
@@ -191,9 +191,8 @@ def test_quality_compressors_compress_the_datamodules_test_split(text_file, tmp_
     assert f"gzip (gzip -9): {gzip_bpb:.4f} bits per byte on {len(test):,} test bytes" in printed
 
 
-def bpb_by_hand(checkpoint: str, test: bytes, window: int = 64) -> float:
-    """Bits per byte of ``checkpoint``'s model over ``test``, in consecutive windows of ``window`` bytes."""
-    lm = MegaByteLM.load_from_checkpoint(checkpoint, map_location="cpu").eval()
+def bpb_by_hand(lm: MegaByteLM, test: bytes, window: int = 64) -> float:
+    """Bits per byte of ``lm``'s model over ``test``, in consecutive windows of ``window`` bytes."""
     with torch.no_grad():
         windows = [torch.tensor(list(test[i : i + window]))[None] for i in range(0, len(test), window)]
         return sum(bits_per_byte(lm.model(x), x).sum().item() for x in windows) / len(test)
@@ -227,12 +226,13 @@ def test_quality_trains_both_models_tests_them_and_tabulates(text_file, tmp_path
     best = min(transformer["val_curve"], key=lambda p: p["bpb"])
     assert transformer["tested_checkpoint"] == "best" and transformer["checkpoint_step"] == best["step"] + 1
     assert Path(transformer["checkpoint"]).name.startswith(f"best-step{best['step'] + 1}-")
-    assert transformer["test_bpb"] == pytest.approx(bpb_by_hand(transformer["checkpoint"], test), rel=1e-6)
+    best_lm = MegaByteLM.load_from_checkpoint(transformer["checkpoint"], map_location="cpu").eval()
+    assert transformer["test_bpb"] == pytest.approx(bpb_by_hand(best_lm, test), rel=1e-6)
     assert 0 < transformer["test_bpb"] < 9 and transformer["strided_test_bpb"] is None
 
     # Test bpb is exact over the whole test split, of the checkpoint the fit wrote last: a pass by hand.
-    assert megabyte["test_bpb"] == pytest.approx(bpb_by_hand(megabyte["checkpoint"], test), rel=1e-6)
     lm = MegaByteLM.load_from_checkpoint(megabyte["checkpoint"], map_location="cpu").eval()
+    assert megabyte["test_bpb"] == pytest.approx(bpb_by_hand(lm, test), rel=1e-6)
     strided = megabyte["strided_test_bpb"]
     assert 0 < strided < 9 and strided != pytest.approx(megabyte["test_bpb"], rel=1e-5)
     assert megabyte["strided_test_seconds"] > 0
@@ -338,3 +338,7 @@ def test_quality_compressors_take_a_corpus_or_a_config(tmp_path, capsys):
     with pytest.raises(SystemExit):  # --data.* arguments go with --config only
         quality_main("compressors", f"--out={tmp_path}", "--data=x.txt", "--data.seq_len=8")
     assert "unrecognized arguments: --data.seq_len=8" in capsys.readouterr().err
+    for text_only in (["--split", "0.8", "0.1", "0.1"], ["--cache_dir=c"]):  # --config takes --data.* instead
+        with pytest.raises(SystemExit):
+            quality_main("compressors", f"--out={tmp_path}", "--config=configs/quickstart.yaml", *text_only)
+        assert "--split and --cache_dir go with --data: with --config, give --data.split and --data.cache_dir" in capsys.readouterr().err
