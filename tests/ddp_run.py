@@ -21,8 +21,10 @@ Every run trains on the windows of one process with batch 4 (``run``, called by 
 the gradients to norm 1 (active at every step). Process r writes ``OUT_DIR/rank<r>.json``.
 """
 
+import faulthandler
 import json
 import sys
+import time
 from pathlib import Path
 
 import lightning as L
@@ -41,6 +43,12 @@ from tests.conftest import tiny_megabyte_config
 
 SEQ_LEN, STEPS = 32, 4
 SAMPLES = {"n_samples": 2, "sample_len": 16, "temperature": 1.0, "seed": 0}
+HANG_AFTER_S = 150  # the whole job takes about 20 s on 2 cores: print every thread's stack and exit after this
+
+
+def phase(name: str) -> None:
+    """A line in this process's output (the test shows its end when a process fails or hangs)."""
+    print(f"[{time.strftime('%H:%M:%S')}] {name}", flush=True)
 
 
 class Record(L.Callback):
@@ -128,6 +136,7 @@ def distributed(corpus: str, out_dir: str) -> dict:
     # FSDP2 with both stacks' blocks recomputed in the backward pass and the local model in chunks
     memory = {"activation_checkpointing": ("global_model", "local_model"), "local_chunk_patches": 3}
     for name, strategy, batch_size, accumulate in (("ddp", "ddp", 1, 2), ("fsdp", fsdp, 2, 1)):
+        phase(f"{name}: fit, save, test, predict")
         out, fused, options = f"{out_dir}/{name}", name == "fsdp", memory if name == "fsdp" else {}
         record[name], fit, model, data = run(
             corpus, out, 2, batch_size, strategy, accumulate, samples=True, fused=fused, **options
@@ -137,6 +146,7 @@ def distributed(corpus: str, out_dir: str) -> dict:
         record[name]["test_bpb"] = fit.test(model, data, verbose=False)[0]["test/bpb"]
         fit.predict(model, data, return_predictions=False)  # BitsWriter: out/bits.npy
 
+    phase("skipped: a NaN loss in process 1, model.skip_nonfinite")
     data, model = data_and_model(corpus, out_dir, 2, skip_nonfinite=True)
     skipped = trainer(2, "ddp", 3, [NanLoss(rank=1, batch=1)], validate=False)
     skipped.fit(model, data)
@@ -144,6 +154,7 @@ def distributed(corpus: str, out_dir: str) -> dict:
     record["skipped"] = {"global_step": skipped.global_step, "weights": weights.sum().item(),
                          "finite": bool(weights.isfinite().all())}  # fmt: skip
 
+    phase("stopped: a NaN loss in process 1, FaultTolerance")
     data, model = data_and_model(corpus, out_dir, 2)
     nan_stops = [NanLoss(rank=1, batch=1), FaultTolerance(save_on_sigterm=False, check_every_n_batches=1)]
     stopped = trainer(2, "ddp", 3, nan_stops, validate=False)
@@ -153,9 +164,11 @@ def distributed(corpus: str, out_dir: str) -> dict:
     except FloatingPointError as error:
         record["stopped"] = str(error)
     Path(out_dir, f"rank{skipped.global_rank}.json").write_text(json.dumps(record))
+    phase("done")
     return record
 
 
 if __name__ == "__main__":
+    faulthandler.dump_traceback_later(HANG_AFTER_S, exit=True)
     torch.set_num_threads(1)
     distributed(*sys.argv[1:])

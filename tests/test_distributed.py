@@ -173,25 +173,29 @@ def test_under_fsdp1_the_gradient_norm_is_fsdps_over_all_shards():
     lm._trainer.model.clip_grad_norm_.assert_called_once_with(0.5)
 
 
-def run_ranks(command: list[str], n: int, tmp_path: Path, timeout: float = 120) -> None:
+def run_ranks(command: list[str], n: int, tmp_path: Path, timeout: float = ddp_run.HANG_AFTER_S + 30) -> None:
     """Run ``command`` as the ``n`` processes of one DDP job on this machine, started together with the
     environment a cluster launcher gives them; stop them all when one fails (the others would wait for
-    it) or time is up."""
+    it) or time is up, and fail with the end of each process's output (tests/ddp_run.py prints its
+    phases, and every thread's stack if it hangs)."""
     with socket.socket() as s:  # a free port for the processes to meet on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": str(port), "NODE_RANK": "0", "WORLD_SIZE": str(n)}  # fmt: skip
+    if Path("/sys/class/net/lo").exists():  # gloo talks over loopback, not the address the host name resolves to
+        env["GLOO_SOCKET_IFNAME"] = "lo"
     logs = [tmp_path / f"rank{r}.log" for r in range(n)]
     processes = []
     for r, log in enumerate(logs):
         with log.open("w") as out:
             rank_env = {**env, "LOCAL_RANK": str(r)}
             processes.append(subprocess.Popen(command, cwd=REPO, env=rank_env, stdout=out, stderr=subprocess.STDOUT))
-    deadline = time.monotonic() + timeout
+    deadline, timed_out = time.monotonic() + timeout, False
     try:
         while None in (codes := [p.poll() for p in processes]) and not any(codes):
-            assert time.monotonic() < deadline, f"the {n} processes did not finish in {timeout} s"
+            if timed_out := time.monotonic() > deadline:
+                break
             time.sleep(0.1)
     finally:
         for p in processes:
@@ -199,10 +203,10 @@ def run_ranks(command: list[str], n: int, tmp_path: Path, timeout: float = 120) 
                 p.kill()
                 p.wait()
     failed = [
-        f"rank {r}, exit {p.returncode}: {log.read_text()[-2000:]}"
-        for r, (p, log) in enumerate(zip(processes, logs)) if p.returncode
+        f"rank {r}, exit {p.returncode}: {log.read_text()[-3000:]}"
+        for r, (p, log) in enumerate(zip(processes, logs)) if p.returncode or timed_out
     ]  # fmt: skip
-    assert not failed, "\n".join(failed)
+    assert not failed, (f"the {n} processes did not finish in {timeout} s\n" if timed_out else "") + "\n".join(failed)
 
 
 def sample_texts(log_dir: Path) -> dict[str, list[tuple[int, str]]]:
