@@ -11,13 +11,15 @@ checkpoint; the data's ``seq_len`` may then be shorter than the model's ``max_se
 import importlib
 import inspect
 import sys
+import typing
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import yaml
 from jsonargparse import Namespace
+from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -116,6 +118,22 @@ def ckpt_path_argument(argv: list[str]) -> str | None:
             if isinstance(config, dict) and "ckpt_path" in config:
                 ckpt_path = config["ckpt_path"]
     return ckpt_path
+
+
+def int_before_float(function: Callable) -> None:
+    """Put ``int`` before ``float`` in every ``Union`` of ``function``'s annotations that has both.
+
+    The parser tries a union's types in order, so with ``float`` first ``--trainer.limit_val_batches 1``
+    gave 1.0: every batch, not one. Lightning writes ``Optional[Union[int, float]]``, but ``typing``
+    caches unions by equality, which ignores order, so the annotation is whichever of the two orders
+    was built first in the process (``Union[float, int, None]`` with Lightning 2.6)."""
+    annotations = inspect.unwrap(function).__annotations__
+    for name, hint in annotations.items():
+        args = typing.get_args(hint)
+        if typing.get_origin(hint) is typing.Union and float in args and int in args[args.index(float) :]:
+            ordered = [a for a in args if a is not int]
+            ordered.insert(ordered.index(float), int)
+            annotations[name] = typing.Union[tuple(ordered)]
 
 
 class MegaByteCLI(LightningCLI):
@@ -294,6 +312,7 @@ def main(args: list[str] | None = None, run: bool = True) -> MegaByteCLI:
     """Parse ``args`` (default: the command line) and run the subcommand; with ``run=False`` there is
     no subcommand: the model, data and Trainer are only built (benchmarks drive them)."""
     torch.set_float32_matmul_precision("high")  # TF32 for any float32 matmul on recent GPUs
+    int_before_float(Trainer.__init__)  # --trainer.limit_val_batches 1 is one batch, 1.0 all of them
     # Lightning warns on every mid-epoch resume that the DataLoader cannot resume; our DataModules
     # restore their sampling state themselves (ByteDataModule.state_dict), so it does not apply.
     warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")

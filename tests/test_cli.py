@@ -186,6 +186,20 @@ def test_memory_options_are_run_options(text_file, tmp_path, monkeypatch):
     assert bpb[0] == pytest.approx(bpb[1], rel=1e-6) and 0 < bpb[0] < 9
 
 
+def test_a_whole_number_of_batches_is_a_count_and_a_fraction_a_share(text_file, tmp_path):
+    """Lightning's limit_*_batches: 1 is one batch, 1.0 every batch; so from the command line and from a
+    config file (the parser had read 1 as 1.0, typing having ordered the union float first)."""
+    args = ["validate", *tiny_args(REPO / "configs" / "quickstart.yaml", text_file, tmp_path)]
+    everything = main([*args, "--trainer.limit_val_batches=1.0"]).trainer.num_val_batches
+    assert main([*args, "--trainer.limit_val_batches=1"]).trainer.num_val_batches == [1] != everything
+    assert everything[0] > 3 and main([*args, "--trainer.limit_val_batches=0.5"]).trainer.num_val_batches == [everything[0] // 2]
+    config = tmp_path / "limits.yaml"
+    config.write_text("trainer:\n  limit_val_batches: 3\n  limit_test_batches: 1\n")
+    cli = main([*args, f"--config={config}"])
+    assert cli.trainer.num_val_batches == [3] and cli.trainer.limit_test_batches == 1
+    assert isinstance(cli.trainer.limit_test_batches, int)
+
+
 def test_cli_warns_when_patches_cut_across_pixel_blocks(tmp_path):
     """MNIST in RGB keeps configs/image/mnist.yaml's patch_size 4, which no longer holds whole 2 x 2 x 3 blocks."""
     args = [f"--config={REPO / 'configs' / 'image' / 'mnist.yaml'}", *cpu_trainer_args(tmp_path),
