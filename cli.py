@@ -180,15 +180,28 @@ class MegaByteCLI(LightningCLI):
     def subcommands() -> dict[str, set[str]]:
         return {**LightningCLI.subcommands(), "generate": {"model", "datamodule"}}
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._argv = kwargs.get("args")
+        super().__init__(*args, **kwargs)
+
     def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
-        """Lightning's subcommands (methods of the Trainer) plus ``generate`` (a method of this class)."""
+        """Lightning's subcommands (methods of the Trainer) plus ``generate`` (a method of this class).
+
+        Only the subcommand that the command line begins with gets its options: building a parser of the
+        Trainer's, model's, data's and callbacks' signatures takes about a second each. The others
+        stay names (so ``--help`` lists them); without a subcommand first, all get their options."""
+        argv = sys.argv[1:] if self._argv is None else self._argv
+        chosen = argv[0] if isinstance(argv, list) and argv and argv[0] in self.subcommands() else None
         self._subcommand_parsers = {}
         parser_subcommands = parser.add_subcommands()
         for name in self.subcommands():
             klass = type(self) if name == "generate" else self.trainer_class
             description = inspect.getdoc(getattr(klass, name)).split("\n")[0]
             subparser_kwargs = {"description": description, **kwargs.get(name, {})}
-            self._subcommand_parsers[name] = self._prepare_subcommand_parser(klass, name, **subparser_kwargs)
+            if chosen in (None, name):
+                self._subcommand_parsers[name] = self._prepare_subcommand_parser(klass, name, **subparser_kwargs)
+            else:
+                self._subcommand_parsers[name] = self.init_parser(**subparser_kwargs)
             parser_subcommands.add_subcommand(name, self._subcommand_parsers[name], help=description)
 
     def _run_subcommand(self, subcommand: str) -> None:
