@@ -200,6 +200,23 @@ def test_a_whole_number_of_batches_is_a_count_and_a_fraction_a_share(text_file, 
     assert isinstance(cli.trainer.limit_test_batches, int)
 
 
+@pytest.mark.parametrize("subcommand", ["fit", "test", "generate"])
+def test_help_lists_every_subcommand_and_each_its_options(subcommand, capsys):
+    """Only the subcommand the command line begins with gets a parser of the signatures; the help still
+    names all of them, and each subcommand's help has its own options."""
+    with pytest.raises(SystemExit) as done:
+        main(["--help"])
+    assert done.value.code == 0
+    listed = capsys.readouterr().out
+    assert all(f"\n    {name}  " in listed for name in ("fit", "validate", "test", "predict", "generate"))
+    with pytest.raises(SystemExit) as done:
+        main([subcommand, "--help"])
+    assert done.value.code == 0
+    options = capsys.readouterr().out
+    assert "--trainer.max_steps" in options and "--data CONFIG" in options and "--model.arch" in options
+    assert ("--sample_len" in options) == (subcommand == "generate") and ("--ckpt_path" in options)
+
+
 def test_cli_warns_when_patches_cut_across_pixel_blocks(tmp_path):
     """MNIST in RGB keeps configs/image/mnist.yaml's patch_size 4, which no longer holds whole 2 x 2 x 3 blocks."""
     args = [f"--config={REPO / 'configs' / 'image' / 'mnist.yaml'}", *cpu_trainer_args(tmp_path),
