@@ -23,6 +23,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from callbacks.checkpoint import ModelCheckpoint
 from callbacks.fault_tolerance import FaultTolerance
@@ -285,7 +286,16 @@ class MegaByteCLI(LightningCLI):
         fill_data_parallel_size(config["trainer"])
 
     def instantiate_classes(self) -> None:
-        super().instantiate_classes()
+        try:
+            super().instantiate_classes()
+        except (ValueError, MisconfigurationException) as error:
+            # A value that the model, the data, a callback or the Trainer refuses: the parser's error
+            # (usage, the message, exit 2; JSONARGPARSE_DEBUG=true raises it), not a traceback through the
+            # class instantiation whose last line reads "Does not validate against any of the Union subtypes".
+            cause = error
+            while isinstance(cause.__cause__, (ValueError, MisconfigurationException)):
+                cause = cause.__cause__
+            self._parser(self.subcommand).error(str(cause), ex=cause)
         # A warning, not an error: misaligned patches train (the paper's raster-scan images do), only worse.
         arch, datamodule = self.model.config, self.datamodule
         if isinstance(arch, MegaByteConfig) and isinstance(datamodule, ByteDataModule):

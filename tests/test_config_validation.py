@@ -1,6 +1,8 @@
 """Every invalid option is rejected when the CLI builds the model and data, before any data is read:
 the data path does not exist, so reading it would fail with another error."""
 
+import re
+
 import pytest
 
 from cli import main
@@ -20,14 +22,18 @@ MNIST = REPO / "configs" / "image" / "mnist.yaml"
         (QUICKSTART, "--model.lr=-0.001", "need lr > 0.*lr=-0.001"),
         (QUICKSTART, "--data.split=[0.5, 0.5, 0.5]", "split must be three positive fractions summing to 1"),
         (QUICKSTART, "--model.activation_checkpointing=[local]", r"activation_checkpointing names \['local'\], not a stack of MegaByte: choose among \['global_model', 'local_model'\]"),
+        (QUICKSTART, "--trainer.limit_val_batches=1.5", r"You have passed invalid value 1.5 for limit_val_batches"),
         (MNIST, "--data.scan_patch=3", "image_size 28x28 is not divisible by scan_patch 3: use image_size 30x30 or scan_patch 2"),
     ],
 )
-def test_invalid_option_is_rejected_before_data_is_read(config, option, message, tmp_path):
+def test_invalid_option_is_rejected_before_data_is_read(config, option, message, tmp_path, capsys):
+    """The parser's error: its last line names the option's problem (no traceback), exit status 2."""
     args = ["fit", f"--config={config}", f"--data.path={tmp_path / 'missing'}", f"--data.cache_dir={tmp_path}",
             "--trainer.accelerator=cpu", f"--trainer.logger.init_args.save_dir={tmp_path}", option]  # fmt: skip
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(SystemExit) as refused:
         main(args)
+    assert refused.value.code == 2
+    assert re.fullmatch(f"error: {message}.*", capsys.readouterr().err.strip().splitlines()[-1])
     assert not any(tmp_path.iterdir())  # nothing cached, nothing logged
 
 
