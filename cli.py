@@ -207,9 +207,27 @@ class MegaByteCLI(LightningCLI):
 
     def _run_subcommand(self, subcommand: str) -> None:
         if subcommand == "generate":  # not a Trainer method
-            self.generate(**self._prepare_subcommand_kwargs(subcommand))
+            kwargs = self._prepare_subcommand_kwargs(subcommand)
+            options = ("model", "datamodule", "sample_len", "prompt_fraction", "temperature", "top_k", "top_p")
+            try:  # a refused option is the parser's error, as in instantiate_classes
+                self.check_generate_options(**{k: kwargs[k] for k in options})
+            except ValueError as error:
+                self._parser(subcommand).error(str(error), ex=error)
+            self.generate(**kwargs)
         else:
             super()._run_subcommand(subcommand)
+
+    @staticmethod
+    def check_generate_options(model: MegaByteLM, datamodule: ByteDataModule, sample_len: int | None,
+                               prompt_fraction: float, temperature: float, top_k: int | None,
+                               top_p: float | None) -> int:  # fmt: skip
+        """Raise ValueError naming a ``generate`` option out of range; -> the sample length."""
+        check_sample_options(sample_len, prompt_fraction)
+        check_sampling(temperature, top_k, top_p)
+        sample_len = datamodule.seq_len if sample_len is None else sample_len
+        if sample_len > model.config.max_seq_len:
+            raise ValueError(f"sample_len must be in 1..{model.config.max_seq_len} (the model's max_seq_len)")
+        return sample_len
 
     def generate(
         self,
@@ -248,11 +266,8 @@ class MegaByteCLI(LightningCLI):
             compile: Compile the decoding steps (``torch.compile``): about a minute at the start,
                 then about 1.5x the bytes/s on a GPU; pays for long samples.
         """
-        check_sample_options(sample_len, prompt_fraction)
-        check_sampling(temperature, top_k, top_p)
-        sample_len = datamodule.seq_len if sample_len is None else sample_len
-        if sample_len > model.config.max_seq_len:
-            raise ValueError(f"sample_len must be in 1..{model.config.max_seq_len} (the model's max_seq_len)")
+        options = (sample_len, prompt_fraction, temperature, top_k, top_p)
+        sample_len = self.check_generate_options(model, datamodule, *options)
         checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         model.load_state_dict(checkpoint["state_dict"])
         originals = None

@@ -1,5 +1,6 @@
 """Samples: the TensorBoard callback writes events in each medium, and ``cli.py generate`` writes files."""
 
+import re
 from pathlib import Path
 
 import lightning as L
@@ -94,7 +95,7 @@ def fit_quickstart(text_file: Path, tmp_path: Path) -> Path:
     return last
 
 
-def test_generate_from_a_checkpoint_writes_files(text_file, tmp_path, monkeypatch):
+def test_generate_from_a_checkpoint_writes_files(text_file, tmp_path, monkeypatch, capsys):
     last = fit_quickstart(text_file, tmp_path)
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "samples"
@@ -123,9 +124,13 @@ def test_generate_from_a_checkpoint_writes_files(text_file, tmp_path, monkeypatc
         main([*args, f"--prompt_file={tmp_path / 'long.txt'}", "--n_samples=1", "--temperature=0"])
     expected = lm.model.generate(torch.tensor([list(text[-16:])]), 16, temperature=0)[0]
     assert np.array_equal(np.frombuffer((out / "sample_0.txt").read_bytes(), dtype=np.uint8), expected.numpy())
-    for option, message in [("--sample_len=0", "sample_len must be >= 1"), ("--prompt_fraction=1.5", "prompt_fraction")]:
-        with pytest.raises(ValueError, match=message):
-            main([*args, option])
+    for option, message in [("--sample_len=0", "sample_len must be >= 1"), ("--prompt_fraction=1.5", "prompt_fraction"),
+                             ("--sample_len=33", r"sample_len must be in 1\.\.32 \(the model's max_seq_len\)"),
+                             ("--top_k=0", "top_k must be in")]:  # fmt: skip
+        with pytest.raises(SystemExit) as refused:  # the parser's error, before any sampling
+            main([*args, option, f"--output_dir={tmp_path / 'refused'}"])
+        assert refused.value.code == 2 and re.match(f"error: {message}", capsys.readouterr().err.splitlines()[-1])
+    assert not (tmp_path / "refused").exists()
 
     # A prompt file exactly as long as the sample is cut too: to the last prompt_fraction of the sample.
     main([*args, f"--prompt_file={tmp_path / 'prompt.txt'}", "--n_samples=1", "--sample_len=9", "--prompt_fraction=0.5"])
