@@ -86,6 +86,11 @@ def test_config_fits_then_tests_from_its_checkpoint(config, text_file, tmp_path)
         assert tag in logged, f"{tag} not in TensorBoard events: {sorted(logged)}"
     assert len(logged["train/loss"]) == 4 and len(logged["val/bpb"]) == 2
     assert all(0 < v < 9 for v in logged["val/bpb"])
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())  # the whole run's configuration, re-runnable
+    assert saved["trainer"]["max_steps"] == 4
+    assert saved["data"]["init_args"]["path"] == checkpoint["datamodule_hyper_parameters"]["path"]
+    arch = checkpoint["hyper_parameters"]["arch"]  # max_seq_len is not in the file: data.seq_len sets it
+    assert saved["model"]["arch"] == {**arch, "init_args": {k: v for k, v in arch["init_args"].items() if k != "max_seq_len"}}
 
     cli = main(["test", *tiny_args(config, text_file, tmp_path), f"--ckpt_path={last}", "--trainer.max_time=null"])
     test_bpb = cli.trainer.callback_metrics["test/bpb"].item()
