@@ -182,7 +182,9 @@ class MegaByteCLI(LightningCLI):
         return {**LightningCLI.subcommands(), "generate": {"model", "datamodule"}}
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self._argv = kwargs.get("args")
+        argv = sys.argv[1:] if kwargs.get("args") is None else kwargs["args"]
+        self._argv = argv if isinstance(argv, list) else []  # [] for arguments given as a dict or Namespace
+        self._first_subcommand = self._argv[0] if self._argv and self._argv[0] in self.subcommands() else None
         super().__init__(*args, **kwargs)
 
     def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
@@ -191,15 +193,13 @@ class MegaByteCLI(LightningCLI):
         Only the subcommand that the command line begins with gets its options: building a parser of the
         Trainer's, model's, data's and callbacks' signatures takes about a second each. The others
         stay names (so ``--help`` lists them); without a subcommand first, all get their options."""
-        argv = sys.argv[1:] if self._argv is None else self._argv
-        chosen = argv[0] if isinstance(argv, list) and argv and argv[0] in self.subcommands() else None
         self._subcommand_parsers = {}
         parser_subcommands = parser.add_subcommands()
         for name in self.subcommands():
             klass = type(self) if name == "generate" else self.trainer_class
             description = inspect.getdoc(getattr(klass, name)).split("\n")[0]
             subparser_kwargs = {"description": description, **kwargs.get(name, {})}
-            if chosen in (None, name):
+            if self._first_subcommand in (None, name):
                 self._subcommand_parsers[name] = self._prepare_subcommand_parser(klass, name, **subparser_kwargs)
             else:
                 self._subcommand_parsers[name] = self.init_parser(**subparser_kwargs)
@@ -208,7 +208,7 @@ class MegaByteCLI(LightningCLI):
     def _run_subcommand(self, subcommand: str) -> None:
         if subcommand == "generate":  # not a Trainer method
             kwargs = self._prepare_subcommand_kwargs(subcommand)
-            options = ("model", "datamodule", "sample_len", "prompt_fraction", "temperature", "top_k", "top_p")
+            options = inspect.signature(self.check_generate_options).parameters
             try:  # a refused option is the parser's error, as in instantiate_classes
                 self.check_generate_options(**{k: kwargs[k] for k in options})
             except ValueError as error:
@@ -332,10 +332,9 @@ class MegaByteCLI(LightningCLI):
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         # A checkpoint's hyperparameters become defaults: a config file and the command line
         # still override those of the data (Lightning then forces the model's from the checkpoint).
-        argv = sys.argv[1:] if args is None else args
-        if isinstance(argv, list) and argv and argv[0] in getattr(self, "_subcommand_parsers", {}):
-            subcommand_parser = self._subcommand_parsers[argv[0]]
-            ckpt_path = ckpt_path_argument(argv)
+        if self._first_subcommand in getattr(self, "_subcommand_parsers", {}):  # none with run=False
+            subcommand_parser = self._subcommand_parsers[self._first_subcommand]
+            ckpt_path = ckpt_path_argument(self._argv)
             if ckpt_path and not lightning_resolves(ckpt_path):
                 try:
                     ckpt = read_checkpoint(ckpt_path)
