@@ -20,7 +20,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 
 from datamodules.base import ByteDataModule
 from megabyte.generation import check_sampling
-from megabyte.lm import build_model
+from megabyte.model import build_model
 
 log = logging.getLogger(__name__)
 

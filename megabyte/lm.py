@@ -19,7 +19,7 @@ from torchmetrics import MeanMetric
 
 from megabyte.compilation import inductor_options
 from megabyte.model import (
-    VOCAB_SIZE, ByteTransformer, ByteTransformerConfig, MegaByte, MegaByteConfig, ModelConfig, Transformer,
+    VOCAB_SIZE, ByteTransformer, ByteTransformerConfig, MegaByte, MegaByteConfig, ModelConfig, Transformer, build_model,
 )  # fmt: skip
 from megabyte.parallelize import parallelize
 
@@ -34,15 +34,6 @@ WITHOUT_CUDA_GRAPHS = {"reduce-overhead": "default", "max-autotune": "max-autotu
 # (not only in cli.py) because Lightning re-parses a checkpoint's hyperparameters with jsonargparse
 # in ``load_from_checkpoint``.
 set_parsing_settings(subclasses_enabled=[ModelConfig], docstring_parse_attribute_docstrings=True)
-
-
-def build_model(config: ModelConfig) -> nn.Module:
-    """The architecture a config describes."""
-    if isinstance(config, MegaByteConfig):
-        return MegaByte(config)
-    if isinstance(config, ByteTransformerConfig):
-        return ByteTransformer(config)
-    raise TypeError(f"expected a MegaByteConfig or a ByteTransformerConfig, got {type(config).__name__}")
 
 
 def apply_memory_options(

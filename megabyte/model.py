@@ -628,3 +628,12 @@ class ByteTransformer(ByteModel):
         h = self.transformer(h, state["cache"])[:, -1]  # (B, d)
         state["position"].add_(1)
         return output_logits(h, self.embedding, self.lm_head)
+
+
+def build_model(config: ModelConfig) -> ByteModel:
+    """The architecture a config describes."""
+    if isinstance(config, MegaByteConfig):
+        return MegaByte(config)
+    if isinstance(config, ByteTransformerConfig):
+        return ByteTransformer(config)
+    raise TypeError(f"expected a MegaByteConfig or a ByteTransformerConfig, got {type(config).__name__}")
