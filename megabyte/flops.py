@@ -6,7 +6,7 @@ costs twice the forward) and the attention score / value products at their full 
 (causal masking is not subtracted). Flash attention's backward recomputes the scores, so the
 attention products cost 3.5x their forward in a training step, the linear layers 3x. Sequences of
 at most ``SHORT_SEQUENCE`` positions (the local model's patches) count as written-out attention
-(3x), the model's work: on a GPU a Triton kernel (``megabyte/short_attention.py``; with attention
+(3x), the model's work: on a GPU a Triton kernel (``megabyte/kernels/short_attention.py``; with attention
 dropout, SDPA over packed sequences) attends them in tiles of 64 (128) positions and also multiplies
 the masked-out scores between sequences; that extra arithmetic is not counted (it is under 3 % of
 config M's FLOPs), and the kernel's ops report this same count to FlopCounterMode. Embedding
@@ -15,7 +15,8 @@ lookups, norms and activations are not counted.
 
 from dataclasses import dataclass
 
-from megabyte.model import SHORT_SEQUENCE, VOCAB_SIZE, ByteTransformerConfig, MegaByteConfig, ModelConfig
+from megabyte.attention import SHORT_SEQUENCE
+from megabyte.config import VOCAB_SIZE, ByteTransformerConfig, MegaByteConfig, ModelConfig
 
 
 @dataclass

@@ -14,8 +14,9 @@ from collections.abc import Callable
 
 import torch
 
-from megabyte.compilation import inductor_options
-from megabyte.model import VOCAB_SIZE
+from megabyte.config import VOCAB_SIZE
+from megabyte.model import ByteModel, StepKind
+from megabyte.parallelize import inductor_options
 
 
 def sample_next_byte(
@@ -60,9 +61,9 @@ def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -
 
 
 def generation_step(
-    model: torch.nn.Module,
-    state: dict,
-    kind: int,
+    model: ByteModel,
+    state: object,
+    kind: StepKind,
     logits: torch.Tensor,
     x: torch.Tensor,
     noise: torch.Tensor | None,
@@ -100,7 +101,7 @@ def compiled_generation_step() -> Callable[..., None]:
 
 @torch.no_grad()
 def generate(
-    model: torch.nn.Module,
+    model: ByteModel,
     prompt: torch.Tensor,
     max_new_bytes: int,
     temperature: float = 1.0,
@@ -110,8 +111,18 @@ def generate(
     cuda_graphs: bool | None = None,
     compile: bool = False,
 ) -> torch.Tensor:
-    """``model.generate``: see there. ``cuda_graphs`` None uses them on a GPU. Under autocast, the
-    model is decoded as a copy in autocast's dtype (e.g. bf16)."""
+    """Continue ``prompt`` by ``max_new_bytes`` bytes sampled from ``model`` (MegaByte or ByteTransformer).
+
+    prompt: LongTensor (B, n), values 0..255 (n may be 0); n + max_new_bytes <= max_seq_len.
+    temperature: 0 is greedy decoding; top_k / top_p restrict sampling.
+    generator: the random generator of the sampling, for reproducible samples.
+    cuda_graphs: replay each decoding step as a CUDA graph; None: on a GPU.
+    compile: fuse each kind of decoding step with ``torch.compile`` (about a minute, once per
+        process, kind of step, batch size and sampling setting: pays for long or repeated generations).
+    Under autocast (e.g. Lightning's bf16-mixed), a copy of the model in autocast's dtype decodes.
+    Returns LongTensor (B, n + max_new_bytes): the prompt followed by the new bytes.
+    The model runs in eval mode (no dropout) and is put back in its previous mode.
+    """
     if prompt.dim() != 2 or prompt.dtype != torch.long:
         raise ValueError(f"expected prompt LongTensor (B, n), got {prompt.dtype} of shape {tuple(prompt.shape)}")
     if max_new_bytes < 0:
@@ -154,11 +165,11 @@ def generate(
         # Steps of one kind run the same device code whatever t is: one function (compiled or not)
         # and one CUDA graph per kind, made after the kind ran eagerly (which also compiles it and
         # initialises the kernels a capture needs).
-        steps: dict[int, Callable[[], None]] = {}
-        runs: dict[int, int] = {}
-        graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        steps: dict[StepKind, Callable[[], None]] = {}
+        runs: dict[StepKind, int] = {}
+        graphs: dict[StepKind, torch.cuda.CUDAGraph] = {}
         for t in range(n, total - 1):
-            kind = model.decode_kind(t + 1)
+            kind = model.step_kind(t + 1)
             if kind not in steps:
                 steps[kind] = functools.partial(
                     step_fn, model, state, kind, logits, x, noise, drawn, written, temperature, top_k, top_p

@@ -1,133 +1,29 @@
 """MegaByteLM: the LightningModule around either architecture. A thin adapter: loss, metrics,
-optimizer and schedule. The model itself lives in ``megabyte/model.py``."""
+optimizer and schedule. The model lives in ``megabyte/model.py``; how it runs in ``megabyte/parallelize.py``."""
 
-import dataclasses
-import importlib
 import math
-from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal
 
 import lightning as L
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 from jsonargparse import set_parsing_settings
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch.distributed.tensor import DTensor
 from torchmetrics import MeanMetric
 
-from megabyte.compilation import inductor_options
-from megabyte.model import (
-    VOCAB_SIZE, ByteTransformer, ByteTransformerConfig, MegaByte, MegaByteConfig, ModelConfig, Transformer, build_model,
+from megabyte.bits import byte_bits, strided_bits
+from megabyte.config import MegaByteConfig, ModelConfig, config_from_dict, config_to_dict
+from megabyte.model import build_model
+from megabyte.optim import clip_gradient_norm, lr_factor, parameter_groups
+from megabyte.parallelize import (
+    check_run_options, inductor_options, parallelize, uses_cuda_graphs, without_cuda_graphs,
 )  # fmt: skip
-from megabyte.parallelize import parallelize
-
-# The modes of torch.compile without CUDA graphs, for sharded models (FSDP gathers each block's weights
-# into new memory every step, which a CUDA graph would have to record again) and for gradient
-# accumulation (a backward graph's replay overwrites the gradients the previous micro-batch left in
-# ``.grad``, its own output: pytorch/pytorch#169545, seen on an H100 with torch 2.11).
-WITHOUT_CUDA_GRAPHS = {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}
 
 # Let YAML choose the architecture with ``class_path: megabyte.MegaByteConfig`` or
 # ``megabyte.ByteTransformerConfig``, and show the config fields' docstrings as CLI help. Set here
 # (not only in cli.py) because Lightning re-parses a checkpoint's hyperparameters with jsonargparse
 # in ``load_from_checkpoint``.
 set_parsing_settings(subclasses_enabled=[ModelConfig], docstring_parse_attribute_docstrings=True)
-
-
-def apply_memory_options(
-    model: nn.Module, activation_checkpointing: Sequence[str] = (), local_chunk_patches: int | None = None
-) -> nn.Module:
-    """Trade compute for activation memory, from outside the model; neither option changes a parameter
-    or an output (beyond float rounding), so a checkpoint trains, resumes and evaluates with or without them.
-
-    activation_checkpointing: the Transformer stacks (attribute names: ``global_model`` and
-        ``local_model`` of MegaByte, ``transformer`` of the ByteTransformer) whose blocks keep only their
-        input in training and are recomputed in the backward pass (about a third more compute in them).
-    local_chunk_patches: MegaByte runs its local model over at most this many patches at a time (and,
-        when ``local_model`` is checkpointed, recomputes each chunk as a whole): None runs all B*K at once.
-    """
-    stacks = {name for name, module in model.named_children() if isinstance(module, Transformer)}
-    unknown = sorted(set(activation_checkpointing) - stacks)
-    if unknown:
-        raise ValueError(
-            f"activation_checkpointing names {unknown}, not a stack of {type(model).__name__}: "
-            f"choose among {sorted(stacks)}"
-        )
-    if local_chunk_patches is not None:
-        if not isinstance(model, MegaByte):
-            raise ValueError(f"local_chunk_patches chunks MegaByte's local model; {type(model).__name__} has none: use null")
-        if isinstance(local_chunk_patches, bool) or not isinstance(local_chunk_patches, int) or local_chunk_patches < 1:
-            raise ValueError(f"local_chunk_patches must be a positive integer or null, got {local_chunk_patches!r}")
-    for name in stacks:
-        getattr(model, name).activation_checkpointing = name in activation_checkpointing
-    if isinstance(model, MegaByte):
-        model.local_chunk_patches = local_chunk_patches
-    return model
-
-
-def config_to_dict(config: ModelConfig) -> dict[str, Any]:
-    """``{"class_path": ..., "init_args": {...}}``: plain data, safe in a checkpoint."""
-    cls = type(config)
-    return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": dataclasses.asdict(config)}
-
-
-def config_from_dict(data: dict[str, Any]) -> ModelConfig:
-    """Inverse of ``config_to_dict``; only ModelConfig subclasses are accepted."""
-    module, _, name = data["class_path"].rpartition(".")
-    cls = getattr(importlib.import_module(module), name)
-    if not (isinstance(cls, type) and issubclass(cls, ModelConfig)):
-        raise TypeError(f"{data['class_path']} is not a model config")
-    return cls(**data.get("init_args", {}))
-
-
-def bits_per_byte(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """logits float (B, T, 256), x long (B, T) -> bits float32 (B, T) spent on every byte."""
-    nats = F.cross_entropy(logits.float().reshape(-1, VOCAB_SIZE), x.reshape(-1), reduction="none")
-    return nats.view_as(x) / math.log(2)
-
-
-def strided_bits(bits_of: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """The paper's strided inference: bits float32 (B, T) spent on every byte of x (B, T), from two passes.
-
-    Within a patch the loss rises toward its last bytes. The second pass sees x offset by
-    ``patch_size // 2`` bytes, so each byte sits once in the first half of a patch; every byte takes
-    its bits from the pass where it does. ``bits_of``: LongTensor (B, T) -> bits (B, T) of one pass.
-    Costs two passes; the second sees ``patch_size // 2`` bytes less context at the window's start.
-    """
-    B, T = x.shape
-    half = patch_size // 2
-    first = bits_of(x)  # byte t at patch position t % P
-    if T <= half:  # no byte reaches the second half of its patch
-        return first
-    # Drop the first ``half`` bytes and zero-fill the end, so the shape (and a compiled graph) stays.
-    second = bits_of(F.pad(x[:, half:], (0, half)))  # byte t at position (t - half) % P, read at t - half
-    second = F.pad(second[:, : T - half], (half, 0))  # (B, T) realigned: second[:, t] is byte t's
-    late = torch.arange(T, device=x.device) % patch_size >= half  # (T,) the second half of each patch
-    return torch.where(late, second, first)
-
-
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Weight decay on the matrices of linear layers only; none on embeddings, pads, norms, biases."""
-    decayed = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
-    params = [p for p in model.parameters() if p.requires_grad]
-    return [
-        {"name": "decay", "params": [p for p in params if id(p) in decayed], "weight_decay": weight_decay},
-        {"name": "no_decay", "params": [p for p in params if id(p) not in decayed], "weight_decay": 0.0},
-    ]
-
-
-def lr_factor(step: int, warmup_steps: int, total_steps: float, schedule: str, min_lr_ratio: float) -> float:
-    """Multiplier of the peak learning rate at optimizer step ``step`` (0-based):
-    linear warm-up over ``warmup_steps``, then ``schedule`` decay to ``min_lr_ratio`` at ``total_steps``."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if schedule == "constant" or math.isinf(total_steps):
-        return 1.0
-    progress = min(1.0, (step - warmup_steps) / max(1.0, total_steps - warmup_steps))
-    decay = 1.0 - progress if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
-    return min_lr_ratio + (1.0 - min_lr_ratio) * decay
 
 
 class MegaByteLM(L.LightningModule):
@@ -204,14 +100,16 @@ class MegaByteLM(L.LightningModule):
         if isinstance(self.hparams["arch"], ModelConfig):  # keep checkpoints free of pickled objects
             self.hparams["arch"] = config_to_dict(arch)
         self.config = arch
-        self.model = apply_memory_options(build_model(arch), activation_checkpointing, local_chunk_patches)
-        self._bits_per_byte = bits_per_byte  # compiled with the model (configure_model)
+        self.model = build_model(arch)
+        check_run_options(self.model, activation_checkpointing, local_chunk_patches)  # applied in configure_model
+        self._byte_bits = byte_bits  # compiled with the model (configure_model)
         self._cuda_graphs = False  # whether the compiled model replays CUDA graphs (configure_model)
         self.val_bpb = MeanMetric().set_dtype(torch.float64)
         self.test_bpb = MeanMetric().set_dtype(torch.float64)
 
     def configure_model(self) -> None:
-        """Compile and shard from outside the model (``megabyte.parallelize``). Under Lightning's
+        """Apply how the model runs, from outside it (``megabyte.parallelize``): activation checkpointing,
+        local chunks, compilation and sharding. Under Lightning's
         ``ModelParallelStrategy`` the model is sharded with FSDP2 over the data-parallel processes, each
         transformer block a unit compiled on its own (without CUDA graphs); otherwise (one device, DDP)
         the whole model is compiled as one graph. ``nn.Module.compile`` keeps parameter names (and
@@ -241,15 +139,18 @@ class MegaByteLM(L.LightningModule):
             why = "sharded"
         elif self.trainer.accumulate_grad_batches > 1:
             why = f"accumulate_grad_batches {self.trainer.accumulate_grad_batches}"
-        if compile and mode in WITHOUT_CUDA_GRAPHS and why:
-            rank_zero_info(f"{why}: compile_mode {mode!r} becomes {WITHOUT_CUDA_GRAPHS[mode]!r} (no CUDA graphs)")
-            mode = WITHOUT_CUDA_GRAPHS[mode]
-        self._cuda_graphs = compile and mode in WITHOUT_CUDA_GRAPHS  # its keys: the modes with CUDA graphs
-        parallelize(self.model, inductor_options(mode) if compile else None, mesh)
-        if compile and self._bits_per_byte is bits_per_byte:
+        if compile and uses_cuda_graphs(mode) and why:
+            rank_zero_info(f"{why}: compile_mode {mode!r} becomes {without_cuda_graphs(mode)!r} (no CUDA graphs)")
+            mode = without_cuda_graphs(mode)
+        self._cuda_graphs = compile and uses_cuda_graphs(mode)
+        hp = self.hparams
+        parallelize(
+            self.model, hp.activation_checkpointing, hp.local_chunk_patches, inductor_options(mode) if compile else None, mesh
+        )
+        if compile and self._byte_bits is byte_bits:
             # The loss as one kernel a pass (float32 cast, log-softmax, the target's term) instead of about
             # ten eager ones over the (B, T, 256) logits; no CUDA graph, so its output is the caller's.
-            self._bits_per_byte = torch.compile(bits_per_byte, fullgraph=True, dynamic=False)
+            self._byte_bits = torch.compile(byte_bits, fullgraph=True, dynamic=False)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint of another architecture with one error naming the differing options
@@ -278,25 +179,26 @@ class MegaByteLM(L.LightningModule):
         """x: LongTensor (B, T), values 0..255 -> logits (B, T, 256)."""
         return self.model(x)
 
-    def _bits_of(self, x: torch.Tensor) -> torch.Tensor:
+    def _one_pass_bits(self, x: torch.Tensor) -> torch.Tensor:
         """x: LongTensor (B, T) -> bits float32 (B, T), one pass of the model."""
         if self._cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs are free to reuse
-        return self._bits_per_byte(self.model(x), x)
+        return self._byte_bits(self.model(x), x)
 
-    def _bits(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _training_bits(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """batch (x, mask) -> (bits float32 (B, T) of every byte, mask), one pass."""
         x, mask = batch
-        return self._bits_of(x.long()), mask
+        return self._one_pass_bits(x.long()), mask
 
-    def _eval_bits(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """``_bits``, or with ``strided_eval`` the two passes of strided inference."""
+    def _evaluation_bits(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``_training_bits``, or with ``strided_eval`` the two passes of strided inference."""
         if not self.hparams.strided_eval:
-            return self._bits(batch)
+            return self._training_bits(batch)
         x, mask = batch
-        return strided_bits(self._bits_of, x.long(), self.config.patch_size), mask
+        return strided_bits(self._one_pass_bits, x.long(), self.config.patch_size), mask
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor | dict[str, Any]:
-        bits, mask = self._bits(batch)
+        bits, mask = self._training_bits(batch)
         bpb = (bits * mask).sum() / mask.sum()
         loss = bpb * math.log(2)  # mean nats per byte
         if self.hparams.skip_nonfinite and self._any_nonfinite(loss):
@@ -309,7 +211,7 @@ class MegaByteLM(L.LightningModule):
             self._skip_step = True
             return {"loss": loss, "skipped": True}
         # Not on the progress bar: Lightning reads its metrics on the host after every batch, a
-        # synchronisation with the GPU that cost config M 7 % of its speed on an H100 (RESULTS.md).
+        # synchronisation with the GPU every step.
         self.log("train/loss", loss)
         self.log("train/bpb", bpb)
         return loss
@@ -337,14 +239,14 @@ class MegaByteLM(L.LightningModule):
         self._eval_step(batch, self.test_bpb, "test/bpb")
 
     def _eval_step(self, batch: tuple[torch.Tensor, torch.Tensor], metric: MeanMetric, name: str) -> None:
-        bits, mask = self._eval_bits(batch)
+        bits, mask = self._evaluation_bits(batch)
         # Weighted mean over bytes: at the end, total bits / total bytes of the whole split.
         metric.update(bits.double(), mask.double())
         self.log(name, metric, on_step=False, on_epoch=True, prog_bar=True)
 
     def predict_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
         """-> {"bits": float (B, T) bits spent on each byte, "mask": bool (B, T)}."""
-        bits, mask = self._eval_bits(batch)
+        bits, mask = self._evaluation_bits(batch)
         return {"bits": bits, "mask": mask}
 
     def _fused_optimizer(self) -> bool:
@@ -383,25 +285,3 @@ class MegaByteLM(L.LightningModule):
             return
         clip_gradient_norm(self.model.parameters(), optimizer, gradient_clip_val)
 
-
-def clip_gradient_norm(parameters: Iterable[nn.Parameter], optimizer: torch.optim.Optimizer | None, max_norm: float) -> None:
-    """Scale the gradients of ``parameters`` down to a total norm of at most ``max_norm``, on the device.
-
-    A fused Adam / AdamW divides the gradients itself: it is given the divisor (``grad_scale``, the
-    attribute through which AMP's gradient scaler talks to it), which saves a pass over the gradients
-    (RESULTS.md, session 7); for other optimizers ``clip_grads_with_norm_`` scales the gradients. Under
-    FSDP2 the gradients are shards (DTensors): the norm is over all of them, reduced over the processes."""
-    parameters = list(parameters)
-    norm = torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None], foreach=True)
-    if isinstance(norm, DTensor):
-        norm = norm.full_tensor()
-    if _divides_gradients(optimizer):
-        # clip_grads_with_norm_ multiplies by min(1, max_norm / (norm + 1e-6)); this is the same factor's inverse
-        optimizer.grad_scale = ((norm + 1e-6) / max_norm).clamp(min=1.0)
-    else:
-        torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, norm, foreach=True)
-
-
-def _divides_gradients(optimizer: torch.optim.Optimizer | None) -> bool:
-    """Whether ``optimizer`` is a fused Adam / AdamW, which divides the gradients by its ``grad_scale``."""
-    return isinstance(optimizer, torch.optim.Adam) and bool(optimizer.defaults.get("fused"))

@@ -1,4 +1,4 @@
-"""Runs ``megabyte/relu_backward.py``'s Triton kernel, and ``compilation.FuseReluBackwardIntoMatmul`` that
+"""Runs ``megabyte/kernels/relu_backward.py``'s Triton kernel, and ``inductor_passes.FuseReluBackwardIntoMatmul`` that
 puts it into compiled training graphs, on the CPU under Triton's interpreter and prints what
 tests/test_relu_backward.py checks, as JSON. Run as a script with TRITON_INTERPRET=1 in the environment
 (the interpreter is chosen when the kernel is defined, at import)."""
@@ -11,9 +11,10 @@ import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from megabyte.compilation import FuseReluBackwardIntoMatmul, FuseReluIntoAddmm, Passes
-from megabyte.model import FeedForward, MegaByte
-from megabyte.relu_backward import relu_backward_matmul, runs_kernel
+from megabyte.kernels.inductor_passes import FuseReluBackwardIntoMatmul, FuseReluIntoAddmm, Passes
+from megabyte.model import MegaByte
+from megabyte.transformer import FeedForward
+from megabyte.kernels.relu_backward import relu_backward_matmul, runs_kernel
 from tests.conftest import tiny_megabyte_config
 
 KERNEL = torch.ops.megabyte.relu_backward_matmul.default

@@ -1,4 +1,4 @@
-"""Runs ``megabyte/short_attention.py``'s Triton kernels on the CPU under Triton's interpreter and prints
+"""Runs ``megabyte/kernels/short_attention.py``'s Triton kernels on the CPU under Triton's interpreter and prints
 what tests/test_short_attention.py checks, as JSON. Run as a script with TRITON_INTERPRET=1 in the
 environment (the interpreter is chosen when the kernels are defined, at import)."""
 
@@ -8,9 +8,8 @@ import os
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from megabyte import model as model_module
 from megabyte.model import MegaByte
-from megabyte.short_attention import _forward, short_causal_attention
+from megabyte.kernels.short_attention import _forward, short_causal_attention
 from tests.conftest import tiny_megabyte_config
 
 # name -> (sequences N, length L, heads, head size, tile): ragged last tiles, tiles not filled by whole
@@ -70,12 +69,13 @@ def megabyte_with_kernel() -> dict:
     """A MegaByte's local model attending through the kernel gives the logits and gradients of the
     written-out attention the CPU uses, and FlopCounterMode counts the same FLOPs for both."""
     torch.manual_seed(0)
-    model = MegaByte(tiny_megabyte_config(patch_size=8, d_global=64, d_local=32, init_std=0.3))
+    config = tiny_megabyte_config(patch_size=8, d_global=64, d_local=32, init_std=0.3)
+    written_out = MegaByte(config, short_attention="written-out")
+    kernel = MegaByte(config, short_attention="kernel")
+    kernel.load_state_dict(written_out.state_dict())
     x = torch.randint(0, 256, (2, 64))
     results = []
-    for use_kernel in (False, True):
-        model_module.uses_short_attention_kernel = lambda x, dropout: use_kernel
-        model.zero_grad()
+    for model in (written_out, kernel):
         with FlopCounterMode(display=False) as counter:
             logits = model(x)
             logits.square().mean().backward()

@@ -21,7 +21,7 @@ from datamodules import ImageDataModule, TextDataModule
 from datamodules.image import image_to_bytes
 from megabyte import MegaByte, MegaByteConfig, MegaByteLM
 from megabyte.flops import training_flops_per_byte
-from megabyte.lm import bits_per_byte
+from megabyte.bits import byte_bits
 from tests.audio_files import FSDD_TEST_PATTERN, write_wav_folder
 from tests.conftest import REPO
 from tests.image_files import write_image_folder
@@ -50,7 +50,7 @@ def test_train_speed_prints_a_row_and_writes_json(text_file, tmp_path):
     (result,) = [json.loads(line) for line in out.read_text().splitlines()]
     assert result["model"] == "MegaByte" and result["batch"] == 2 and result["seq_len"] == 64
     assert result["bytes_per_sec"] > 0 and result["timed_batches"] == 2 and result["mfu"] is None
-    assert result["short_attention"] == "kernel"
+    assert result["short_attention"] == "auto"
     assert result["processes"] == 1 and len(result["losses"]) == 3  # every step's loss, warm-up included
     assert result["losses"][-1] == pytest.approx(result["final_loss"])
     # float32 parameters and gradients, AdamW's two moments of each, and a 4-byte step count a tensor
@@ -195,7 +195,7 @@ def bpb_by_hand(lm: MegaByteLM, test: bytes, window: int = 64) -> float:
     """Bits per byte of ``lm``'s model over ``test``, in consecutive windows of ``window`` bytes."""
     with torch.no_grad():
         windows = [torch.tensor(list(test[i : i + window]))[None] for i in range(0, len(test), window)]
-        return sum(bits_per_byte(lm.model(x), x).sum().item() for x in windows) / len(test)
+        return sum(byte_bits(lm.model(x), x).sum().item() for x in windows) / len(test)
 
 
 def test_quality_trains_both_models_tests_them_and_tabulates(text_file, tmp_path, capsys):

@@ -1,10 +1,11 @@
-"""megabyte/compilation.py: the ReLU-into-matmul pass and the options every compilation uses."""
+"""megabyte/kernels/inductor_passes.py: the ReLU-into-matmul pass and the options every compilation uses."""
 
 import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
-from megabyte.compilation import FuseReluIntoAddmm, ProductsInFloat32, inductor_options
-from megabyte.model import FeedForward
+from megabyte.kernels.inductor_passes import FuseReluIntoAddmm, ProductsInFloat32
+from megabyte.parallelize import inductor_options
+from megabyte.transformer import FeedForward
 
 
 def test_relu_of_a_matrix_product_becomes_one_fused_product():

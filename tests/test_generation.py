@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from megabyte import ByteTransformer, MegaByte
-from megabyte.generation import sample_next_byte
-from megabyte.model import Transformer
+from megabyte.generation import generate, sample_next_byte
+from megabyte.transformer import Transformer
 from tests.conftest import tiny_megabyte_config, tiny_transformer_config
 
 # init_std 0.3 spreads the logits far apart, so greedy choices never hang on a rounding tie.
@@ -39,7 +39,7 @@ def test_greedy_cached_generation_equals_recomputation(model, n, dtype):
     model = model.to(dtype)
     prompt = torch.randint(0, 256, (3, n), generator=torch.Generator().manual_seed(n))
     total = model.config.max_seq_len  # 64: the whole context, across many patches
-    cached = model.generate(prompt, total - n, temperature=0)
+    cached = generate(model, prompt, total - n, temperature=0)
     assert cached.shape == (3, total) and torch.equal(cached[:, :n], prompt)
     assert torch.equal(cached, greedy_by_recomputation(model, prompt, total))
 
@@ -52,7 +52,7 @@ def test_cached_logits_match_the_full_forward(model, n):
         logits, state = model.prefill(x[:, :n])
         torch.testing.assert_close(logits, reference[:, n], atol=1e-5, rtol=1e-5)
         for t in range(n + 1, 40):
-            logits = model.decode_step(x[:, t - 1], model.decode_kind(t), state)
+            logits = model.decode_step(x[:, t - 1], model.step_kind(t), state)
             torch.testing.assert_close(logits, reference[:, t], atol=1e-5, rtol=1e-5)
 
 
@@ -73,12 +73,12 @@ def test_transformer_fed_in_chunks_through_its_cache_equals_one_pass():
 
 def test_sampling_is_reproducible_and_restricted(model):
     prompt = torch.randint(0, 256, (2, 5), generator=torch.Generator().manual_seed(0))
-    a = model.generate(prompt, 20, temperature=1.0, generator=torch.Generator().manual_seed(7))
-    b = model.generate(prompt, 20, temperature=1.0, generator=torch.Generator().manual_seed(7))
+    a = generate(model, prompt, 20, temperature=1.0, generator=torch.Generator().manual_seed(7))
+    b = generate(model, prompt, 20, temperature=1.0, generator=torch.Generator().manual_seed(7))
     assert torch.equal(a, b)
-    greedy = model.generate(prompt, 20, temperature=0)
-    assert torch.equal(model.generate(prompt, 20, top_k=1, generator=torch.Generator().manual_seed(3)), greedy)
-    assert torch.equal(model.generate(prompt, 20, top_p=1e-6, generator=torch.Generator().manual_seed(3)), greedy)
+    greedy = generate(model, prompt, 20, temperature=0)
+    assert torch.equal(generate(model, prompt, 20, top_k=1, generator=torch.Generator().manual_seed(3)), greedy)
+    assert torch.equal(generate(model, prompt, 20, top_p=1e-6, generator=torch.Generator().manual_seed(3)), greedy)
     assert 0 <= int(a.min()) and int(a.max()) <= 255
 
 
@@ -102,42 +102,42 @@ def test_generate_keeps_training_mode_and_checks_its_arguments():
     model = MegaByte(tiny_megabyte_config(dropout=0.5)).train()
     prompt = torch.zeros(1, 3, dtype=torch.long)
     # dropout is off while generating: greedy decoding is deterministic
-    assert torch.equal(model.generate(prompt, 10, temperature=0), model.generate(prompt, 10, temperature=0))
+    assert torch.equal(generate(model, prompt, 10, temperature=0), generate(model, prompt, 10, temperature=0))
     assert model.training
-    assert torch.equal(model.generate(prompt, 0), prompt)
+    assert torch.equal(generate(model, prompt, 0), prompt)
     with pytest.raises(ValueError, match="exceeds max_seq_len 64"):
-        model.generate(prompt, 62)
+        generate(model, prompt, 62)
     for temperature in (-1, float("nan")):
         with pytest.raises(ValueError, match="temperature must be >= 0"):
-            model.generate(prompt, 4, temperature=temperature)
+            generate(model, prompt, 4, temperature=temperature)
     with pytest.raises(ValueError, match="top_k must be in 1..256"):
-        model.generate(prompt, 4, top_k=0)
+        generate(model, prompt, 4, top_k=0)
     with pytest.raises(ValueError, match="top_p must be in"):
-        model.generate(prompt, 4, top_p=1.5)
+        generate(model, prompt, 4, top_p=1.5)
     with pytest.raises(ValueError, match="expected prompt LongTensor"):
-        model.generate(prompt.to(torch.uint8), 4)
+        generate(model, prompt.to(torch.uint8), 4)
     for byte in (-1, 256):
         with pytest.raises(ValueError, match=f"prompt bytes must be in 0..255, got {min(byte, 0)}..{max(byte, 0)}"):
-            model.generate(torch.tensor([[0, byte]]), 4)
+            generate(model, torch.tensor([[0, byte]]), 4)
 
 
 def test_compiled_decoding_steps_give_the_same_bytes(model):
     """generate(compile=True) fuses each kind of step with torch.compile (inductor, here on the CPU);
     the caches are written in place, so the bytes equal the uncompiled decoding's."""
     prompt = torch.randint(0, 256, (2, 6), generator=torch.Generator().manual_seed(0))
-    greedy = model.generate(prompt, 30, temperature=0)
-    assert torch.equal(model.generate(prompt, 30, temperature=0, compile=True), greedy)
-    sampled = model.generate(prompt, 30, generator=torch.Generator().manual_seed(4))
-    assert torch.equal(model.generate(prompt, 30, generator=torch.Generator().manual_seed(4), compile=True), sampled)
+    greedy = generate(model, prompt, 30, temperature=0)
+    assert torch.equal(generate(model, prompt, 30, temperature=0, compile=True), greedy)
+    sampled = generate(model, prompt, 30, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(generate(model, prompt, 30, generator=torch.Generator().manual_seed(4), compile=True), sampled)
     # The compilations serve every later call of the same batch size and sampling: other lengths of
     # prompt and of generation, another copy of the model, compile nothing new.
     from torch._dynamo.utils import counters
 
     compiled = counters["stats"]["unique_graphs"]
     prompt = prompt[:, :3]
-    again = copy.deepcopy(model).generate(prompt, 41, generator=torch.Generator().manual_seed(5), compile=True)
+    again = generate(copy.deepcopy(model), prompt, 41, generator=torch.Generator().manual_seed(5), compile=True)
     assert counters["stats"]["unique_graphs"] == compiled
-    assert torch.equal(again, model.generate(prompt, 41, generator=torch.Generator().manual_seed(5)))
+    assert torch.equal(again, generate(model, prompt, 41, generator=torch.Generator().manual_seed(5)))
 
 
 def test_under_autocast_a_copy_in_its_dtype_decodes(model, monkeypatch):
@@ -153,10 +153,10 @@ def test_under_autocast_a_copy_in_its_dtype_decodes(model, monkeypatch):
     prompt = torch.randint(0, 256, (2, 5), generator=torch.Generator().manual_seed(0))
     monkeypatch.setattr(type(model), "decode_step", spy)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        mixed = model.generate(prompt, 20, generator=torch.Generator().manual_seed(1))
+        mixed = generate(model, prompt, 20, generator=torch.Generator().manual_seed(1))
     assert set(seen) == {(torch.bfloat16, False)}
     assert all(p.dtype == torch.float32 for p in model.parameters())
     half = MODELS["megabyte" if isinstance(model, MegaByte) else "transformer"]().eval()
     half.load_state_dict(model.state_dict())
-    expected = half.to(torch.bfloat16).generate(prompt, 20, generator=torch.Generator().manual_seed(1))
+    expected = generate(half.to(torch.bfloat16), prompt, 20, generator=torch.Generator().manual_seed(1))
     assert torch.equal(mixed, expected)

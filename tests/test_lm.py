@@ -8,20 +8,21 @@ import torch.nn as nn
 
 from datamodules import TextDataModule
 from megabyte import MegaByteConfig, MegaByteLM
-from megabyte.compilation import FuseReluBackwardIntoMatmul, FuseReluIntoAddmm, ProductsInFloat32
-from megabyte.lm import bits_per_byte, lr_factor, parameter_groups, strided_bits
+from megabyte.kernels.inductor_passes import FuseReluBackwardIntoMatmul, FuseReluIntoAddmm, ProductsInFloat32
+from megabyte.bits import byte_bits, strided_bits
+from megabyte.optim import lr_factor, parameter_groups
 from tests.conftest import tiny_megabyte_config, tiny_transformer_config
 
 
-def test_bits_per_byte_hand_computed():
+def test_byte_bits_hand_computed():
     """Uniform logits cost exactly 8 bits; a logit of ln 255 on one byte gives it p = 1/2 (1 bit)
     and every other byte p = 1/510."""
     x = torch.tensor([[97, 98]])
     logits = torch.zeros(1, 2, 256)
-    assert torch.allclose(bits_per_byte(logits, x), torch.tensor([[8.0, 8.0]]))
+    assert torch.allclose(byte_bits(logits, x), torch.tensor([[8.0, 8.0]]))
     logits[:, :, 97] = math.log(255)
     expected = torch.tensor([[1.0, math.log2(510)]])
-    assert torch.allclose(bits_per_byte(logits, x), expected)
+    assert torch.allclose(byte_bits(logits, x), expected)
 
 
 class PrefersA(nn.Module):
@@ -61,7 +62,7 @@ def test_validate_matches_a_manual_pass_over_the_split(text_file, tmp_path):
     with torch.no_grad():
         for start in range(0, len(val), 64):
             x = torch.from_numpy(val[start : start + 64].astype("int64"))[None]
-            total_bits += bits_per_byte(lm.model(x), x).double().sum().item()
+            total_bits += byte_bits(lm.model(x), x).double().sum().item()
     assert result["val/bpb"] == pytest.approx(total_bits / len(val), rel=1e-6)
 
 
@@ -96,9 +97,9 @@ def test_strided_validation_is_exact_over_the_split(text_file, tmp_path):
     with torch.no_grad():
         for start in range(0, len(val), 64):
             x = torch.from_numpy(val[start : start + 64].astype("int64"))[None]
-            bits = bits_per_byte(lm.model(x), x)[0]
+            bits = byte_bits(lm.model(x), x)[0]
             later = x[:, 2:]  # the window without its first half patch
-            bits_later = bits_per_byte(lm.model(later), later)[0]
+            bits_later = byte_bits(lm.model(later), later)[0]
             total_bits += sum(bits[t] if t % 4 < 2 else bits_later[t - 2] for t in range(x.shape[1])).item()
     assert strided["val/bpb"] == pytest.approx(total_bits / len(val), rel=1e-6)
     assert strided["val/bpb"] != pytest.approx(plain["val/bpb"], rel=1e-4)
@@ -179,7 +180,7 @@ def test_gradient_clipping_scales_the_total_norm_down_to_the_limit():
     torch.manual_seed(0)
     model = MegaByteLM(tiny_megabyte_config())
     x = torch.randint(0, 256, (2, 16))
-    (bits_per_byte(model(x), x).mean() * 1000).backward()
+    (byte_bits(model(x), x).mean() * 1000).backward()
     norm = lambda: torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()]))  # noqa: E731
     assert norm() > 1.0
     model.configure_gradient_clipping(None, gradient_clip_val=0.5, gradient_clip_algorithm="norm")
@@ -195,7 +196,7 @@ def test_gradient_clipping_of_a_fused_adamw_is_the_optimizers_own_division():
     torch.manual_seed(0)
     model = MegaByteLM(tiny_megabyte_config())
     x = torch.randint(0, 256, (2, 16))
-    (bits_per_byte(model(x), x).mean() * 1000).backward()
+    (byte_bits(model(x), x).mean() * 1000).backward()
     twin = copy.deepcopy(model)  # without the gradients
     for p, q in zip(model.parameters(), twin.parameters()):
         q.grad = p.grad.clone()
@@ -243,7 +244,7 @@ def test_compile_mode_reaches_torch_compile(monkeypatch, tmp_path, mode, expecte
     assert isinstance(float32_products, ProductsInFloat32) and float32_products.devices == ("cuda",)
     assert options.pop("triton.enable_pdl") is True
     assert options == expected
-    assert lm._bits_per_byte == ("compiled", bits_per_byte, {"fullgraph": True, "dynamic": False})
+    assert lm._byte_bits == ("compiled", byte_bits, {"fullgraph": True, "dynamic": False})
 
 
 @pytest.mark.parametrize("accumulate, mode, cuda_graphs", [(1, "reduce-overhead", True), (2, "default", False)])

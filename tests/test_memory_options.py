@@ -1,4 +1,4 @@
-"""Activation checkpointing and the chunked local model (``apply_memory_options``): the same logits and
+"""Activation checkpointing and the chunked local model (``megabyte.parallelize``): the same logits and
 gradients as without, fewer activations kept for the backward pass, one graph under torch.compile."""
 
 import pytest
@@ -6,13 +6,14 @@ import torch
 import torch._dynamo
 
 from megabyte import ByteTransformer, MegaByte
-from megabyte.lm import apply_memory_options, bits_per_byte
+from megabyte.bits import byte_bits
+from megabyte.parallelize import checkpointed_stacks, local_chunk_patches, parallelize
 from tests.conftest import tiny_megabyte_config, tiny_transformer_config
 
 
 def logits_and_gradients(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
     logits = model(x)
-    return logits, torch.autograd.grad(bits_per_byte(logits, x).mean(), list(model.parameters()))
+    return logits, torch.autograd.grad(byte_bits(logits, x).mean(), list(model.parameters()))
 
 
 @pytest.mark.parametrize(
@@ -32,7 +33,7 @@ def test_checkpointing_and_chunks_give_the_same_logits_and_gradients(arch, stack
     model = make.double()
     x = torch.randint(0, 256, (2, 37))  # 37 bytes: the last of 10 patches is padded
     logits, grads = logits_and_gradients(model, x)
-    apply_memory_options(model, stacks, chunk)
+    parallelize(model, stacks, chunk)
     chunked_logits, chunked_grads = logits_and_gradients(model, x)
     torch.testing.assert_close(chunked_logits, logits)
     for (name, _), grad, reference in zip(model.named_parameters(), chunked_grads, grads):
@@ -67,9 +68,9 @@ def test_checkpointing_keeps_a_fraction_of_the_activations():
     for n_local_layers in (1, 3):
         model = MegaByte(tiny_megabyte_config(max_seq_len=256, n_local_layers=n_local_layers))
         saved["plain", n_local_layers] = saved_activation_bytes(model, x)
-        apply_memory_options(model, ["local_model"], 16)
+        parallelize(model, ["local_model"], 16)
         saved["local", n_local_layers] = saved_activation_bytes(model, x)
-        apply_memory_options(model, ["global_model", "local_model"], 16)
+        parallelize(model, ["global_model", "local_model"], 16)
         saved["both", n_local_layers] = saved_activation_bytes(model, x)
     assert saved["plain", 3] > 1.5 * saved["plain", 1]
     assert saved["local", 3] == saved["local", 1] < saved["plain", 1] / 2
@@ -79,7 +80,7 @@ def test_checkpointing_keeps_a_fraction_of_the_activations():
 def test_checkpointed_chunks_compile_to_one_graph():
     torch.manual_seed(0)
     model = MegaByte(tiny_megabyte_config(n_global_layers=1, n_local_layers=1))
-    apply_memory_options(model, ["global_model", "local_model"], 5)
+    parallelize(model, ["global_model", "local_model"], 5)
     x = torch.randint(0, 256, (2, 32))
     logits, grads = logits_and_gradients(model, x)
     torch._dynamo.reset()
@@ -88,3 +89,17 @@ def test_checkpointed_chunks_compile_to_one_graph():
     torch.testing.assert_close(compiled_logits, logits)
     for grad, reference in zip(compiled_grads, grads):
         torch.testing.assert_close(grad, reference)
+
+
+def test_the_options_applied_can_be_read_back_and_keep_state_dict_names():
+    torch.manual_seed(0)
+    model = MegaByte(tiny_megabyte_config())
+    names = list(model.state_dict())
+    assert checkpointed_stacks(model) == [] and local_chunk_patches(model) is None
+    parallelize(model, ["global_model"])
+    assert checkpointed_stacks(model) == ["global_model"] and local_chunk_patches(model) is None
+    parallelize(model, ["global_model", "local_model"], 3)
+    assert checkpointed_stacks(model) == ["global_model", "local_model"] and local_chunk_patches(model) == 3
+    assert list(model.state_dict()) == names
+    with pytest.raises(ValueError, match=r"choose among \['global_model', 'local_model'\]"):
+        parallelize(model, ["transformer"])

@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from megabyte import ByteTransformer, ByteTransformerConfig, MegaByte, MegaByteConfig
-from megabyte.lm import bits_per_byte
-from megabyte.model import Block
+from megabyte.bits import byte_bits
+from megabyte.transformer import Block
 from tests.conftest import tiny_megabyte_config, tiny_transformer_config
 
 P = 4  # patch size of the tiny MegaByte
@@ -83,7 +83,7 @@ def test_overfits_one_batch(arch):
     x = torch.randint(0, 256, (2, 32))
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for _ in range(300):
-        loss = bits_per_byte(model(x), x).mean()
+        loss = byte_bits(model(x), x).mean()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -167,23 +167,27 @@ def test_both_models_compile_to_one_graph_without_breaks(tiny_model):
 
 
 @pytest.mark.parametrize("N", [24, 7])  # packs of 12 and of 7 patches (at most 128 / 8)
-def test_packed_short_sequences_equal_separate_ones(monkeypatch, N):
+def test_packed_short_sequences_equal_separate_ones(N):
     """The GPU's packing of the local model's patches (G side by side under a block-diagonal mask,
     one fused kernel) gives the outputs and gradients of attending each patch alone."""
-    from megabyte import model as model_module
+    from megabyte import attention
+    from megabyte.transformer import Transformer
 
     torch.manual_seed(0)
-    transformer = model_module.Transformer(d_model=16, n_layers=2, n_heads=2, d_hidden=32, dropout=0.0).double()
+    transformer = Transformer(d_model=16, n_layers=2, n_heads=2, d_hidden=32, dropout=0.0, short_attention="written-out")
+    transformer = transformer.double()
+    packing = Transformer(d_model=16, n_layers=2, n_heads=2, d_hidden=32, dropout=0.0, short_attention="packed")
+    packing = packing.double()
+    packing.load_state_dict(transformer.state_dict())
     h = torch.randn(N, 8, 16, dtype=torch.float64, requires_grad=True)
     separate = transformer(h)
     (grad_separate,) = torch.autograd.grad(separate.square().sum(), h)
-    assert model_module.sequences_per_pack(N, 8) == (12 if N == 24 else 7)
-    monkeypatch.setattr(model_module, "packs_short_sequences", lambda device: True)
-    packed = transformer(h)
+    assert attention.sequences_per_pack(N, 8) == (12 if N == 24 else 7)
+    packed = packing(h)
     (grad_packed,) = torch.autograd.grad(packed.square().sum(), h)
     torch.testing.assert_close(packed, separate)
     torch.testing.assert_close(grad_packed, grad_separate)
-    mask = model_module.block_causal_mask(2, 3, h.device)
+    mask = attention.block_causal_mask(2, 3, h.device)
     assert mask.int().tolist() == [
         [1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0],
         [0, 0, 0, 1, 0, 0], [0, 0, 0, 1, 1, 0], [0, 0, 0, 1, 1, 1],

@@ -1,5 +1,5 @@
-"""The Triton kernel of a ReLU's backward inside the matrix product before it (megabyte/relu_backward.py),
-and the inductor pass that puts it into compiled training graphs (megabyte/compilation.py). Checked on
+"""The Triton kernel of a ReLU's backward inside the matrix product before it (megabyte/kernels/relu_backward.py),
+and the inductor pass that puts it into compiled training graphs (megabyte/kernels/inductor_passes.py). Checked on
 the CPU under Triton's interpreter in float32 (the interpreter's bf16 is not faithful; bf16 on the GPU is
 checked against inductor's own kernels by the benchmark in benchmarks/RESULTS.md)."""
 
@@ -7,7 +7,7 @@ checked against inductor's own kernels by the benchmark in benchmarks/RESULTS.md
 import pytest
 import torch
 
-from megabyte.relu_backward import relu_backward_matmul
+from megabyte.kernels.relu_backward import relu_backward_matmul
 from tests.conftest import run_interpreted, tiny_megabyte_config
 from tests.relu_backward_interpreted import CASES
 

@@ -1,4 +1,4 @@
-"""The Triton kernel of the local model's attention (megabyte/short_attention.py) computes causal
+"""The Triton kernel of the local model's attention (megabyte/kernels/short_attention.py) computes causal
 attention of every short sequence alone, forward and backward. Checked on the CPU under Triton's
 interpreter in float32 (the interpreter's bf16 is not faithful; bf16 on the GPU is checked against
 float64 by benchmarks/short_attention_speed.py, errors in benchmarks/RESULTS.md)."""
@@ -7,7 +7,7 @@ float64 by benchmarks/short_attention_speed.py, errors in benchmarks/RESULTS.md)
 import pytest
 import torch
 
-from megabyte.short_attention import short_causal_attention
+from megabyte.kernels.short_attention import short_causal_attention
 from tests.conftest import run_interpreted
 from tests.short_attention_interpreted import CASES
 

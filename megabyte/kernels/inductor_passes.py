@@ -1,5 +1,6 @@
-"""torch.compile, applied from outside the model: the options every compilation here uses (training,
-evaluation, decoding steps) and the inductor passes they add."""
+"""Inductor graph passes that every compilation of the project adds (training, evaluation, decoding
+steps): each rewrites a pattern of the graph into fewer kernels computing the same values.
+``megabyte.parallelize.inductor_options`` puts them into torch.compile's options."""
 
 import contextlib
 import operator
@@ -8,7 +9,7 @@ import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
 try:
-    from megabyte import relu_backward
+    from megabyte.kernels import relu_backward
 except ImportError:  # no Triton: the pass below changes nothing
     relu_backward = None
 
@@ -78,8 +79,8 @@ class FuseReluBackwardIntoMatmul(CustomGraphPass):
     ``where(h <= 0, 0, a @ b)``, becomes one ``relu_backward.relu_backward_matmul`` kernel (the mask in the
     product's epilogue), and the bias gradient, the sum of that over rows, a sum of the kernel's column
     sums. Inductor would otherwise write the product, read it again with ``h`` to write the masked
-    gradient, and read that once more for the sum (RESULTS.md: 0.42 -> 0.26 ms a layer of config M's local
-    model). Applies to products on ``devices`` in ``dtypes`` (CUDA, bf16 / fp16: the kernel's float32
+    gradient, and read that once more for the sum: three passes over the largest activation of the layer
+    where the kernel makes one. Applies to products on ``devices`` in ``dtypes`` (CUDA, bf16 / fp16: the kernel's float32
     product is exact, slower than cuBLAS; the tests add the CPU under Triton's interpreter and float32)."""
 
     def __init__(
@@ -148,8 +149,8 @@ class ProductsInFloat32(CustomGraphPass):
     float32, ``convert_element_type(a @ b, float32)``, becomes one product that writes float32
     (``aten.mm.dtype``: cuBLAS stores its float32 accumulator). Under autocast these are the weight
     gradients of the float32 parameters: inductor would round each one to bf16, then cast it back in a
-    kernel of its own (RESULTS.md, session 8: 0.29 ms of kernels a step of config M); the gradient is
-    no longer rounded to bf16 either. A transpose between the product and the cast stays, on the
+    kernel of its own, a pass over every weight gradient; the gradient is no longer rounded to bf16
+    either. A transpose between the product and the cast stays, on the
     float32 result. Applies on ``devices`` (CUDA: ``aten.mm.dtype`` has no CPU kernel; the tests trace
     CPU graphs without running them)."""
 
@@ -194,17 +195,11 @@ class Passes(CustomGraphPass):
         return b"".join(graph_pass.uuid() for graph_pass in self.passes)
 
 
-def inductor_options(mode: str) -> dict:
-    """Inductor's options of torch.compile's ``mode`` ("default", "reduce-overhead", "max-autotune", ...),
-    with the passes above added (torch.compile takes a mode or options, not both) and programmatic
-    dependent launch on (Hopper and later: a kernel starts while the previous one finishes; RESULTS.md:
-    -2 % step time in training, +11 % bytes/s decoding at batch 1). On a graph with a backward pass the
-    joint passes leave the post-grad pass nothing to do."""
-    options = {} if mode == "default" else dict(torch._inductor.list_mode_options(mode))
+def inductor_passes() -> dict:
+    """The passes above, in inductor's custom pass slots. On a graph with a backward pass the joint
+    passes leave the post-grad pass nothing to do."""
     fuse = FuseReluIntoAddmm()
     return {
-        **options,
         "joint_custom_post_pass": Passes(fuse, FuseReluBackwardIntoMatmul(), ProductsInFloat32()),
         "post_grad_custom_pre_pass": fuse,
-        "triton.enable_pdl": True,
     }

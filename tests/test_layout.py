@@ -1,0 +1,53 @@
+"""The package's promises about its layout: the model imports with torch alone, and the class paths that
+older checkpoints store still name the configs."""
+
+import subprocess
+import sys
+
+import lightning as L
+import pytest
+import torch
+
+from megabyte import MegaByteConfig, MegaByteLM
+from megabyte.config import config_from_dict, config_to_dict
+from tests.conftest import REPO, tiny_megabyte_config
+
+TRAINING_LIBRARIES = ("lightning", "pytorch_lightning", "lightning_fabric", "jsonargparse", "torchmetrics")
+
+
+def test_the_model_imports_without_lightning():
+    probe = (
+        "import sys, megabyte; megabyte.MegaByte; megabyte.generate; import megabyte.parallelize, megabyte.flops, "
+        "megabyte.optim, megabyte.bits; print(sorted({m.split('.')[0] for m in sys.modules}))"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    loaded = set(eval(result.stdout))
+    assert "torch" in loaded and not loaded & set(TRAINING_LIBRARIES)
+
+
+@pytest.mark.parametrize("class_path", ["megabyte.MegaByteConfig", "megabyte.model.MegaByteConfig", "megabyte.config.MegaByteConfig"])
+def test_every_class_path_a_checkpoint_may_hold_names_the_config(class_path):
+    config = tiny_megabyte_config()
+    data = {**config_to_dict(config), "class_path": class_path}
+    assert config_from_dict(data) == config
+    assert config_to_dict(config)["class_path"] == "megabyte.MegaByteConfig"
+
+
+@pytest.mark.filterwarnings("ignore:.*")
+def test_a_checkpoint_naming_the_old_module_loads(tmp_path):
+    """Checkpoints written before the configs had a module of their own store
+    ``megabyte.model.MegaByteConfig`` and ``megabyte.lm.MegaByteLM``."""
+    torch.manual_seed(0)
+    lm = MegaByteLM(tiny_megabyte_config())
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.strategy.connect(lm)
+    path = tmp_path / "old.ckpt"
+    trainer.save_checkpoint(path)
+    checkpoint = torch.load(path, weights_only=False)
+    checkpoint["hyper_parameters"]["arch"]["class_path"] = "megabyte.model.MegaByteConfig"
+    torch.save(checkpoint, path)
+    loaded = MegaByteLM.load_from_checkpoint(path)
+    assert isinstance(loaded.config, MegaByteConfig) and loaded.config == lm.config
+    x = torch.randint(0, 256, (1, 16))
+    torch.testing.assert_close(loaded.model(x), lm.model(x), rtol=0, atol=0)
