@@ -11,7 +11,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from cli import main
 from megabyte.flops import training_flops_per_byte
-from megabyte.lm import bits_per_byte, build_model
+from megabyte.bits import byte_bits
+from megabyte.model import build_model
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
@@ -24,7 +25,7 @@ if __name__ == "__main__":
     T = cli.datamodule.seq_len
     x = torch.randint(0, 256, (args.batch, T), device=device)
     with FlopCounterMode(display=False) as counter, torch.autocast(device.type, dtype=torch.bfloat16):
-        bits_per_byte(model(x), x).mean().backward()
+        byte_bits(model(x), x).mean().backward()
     counted = counter.get_total_flops() / (args.batch * T)
     analytic = training_flops_per_byte(cli.model.config, T)
     print(f"| {type(model).__name__} | {args.config} | {device} | FlopCounterMode {counted / 1e6:,.2f} M | "

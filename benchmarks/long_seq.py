@@ -21,8 +21,8 @@ sequence the byte Transformer of its global model's depth and width trains, and 
    at T = 1M and d_model 1024: 17 GB with their gradient and AdamW's moments), counted in its memory.
 3. Generation with MegaByte (the config's, ``max_seq_len`` grown to hold the prompt and the new bytes;
    random weights): a ``--prompt_bytes`` prompt from the validation split (with ``--data.path``) or random
-   bytes. Time to first byte: ``generate(prompt, 1)``, the prefill and the first byte sampled, synchronised
-   (median of 3); then bytes/s of the ``--new_bytes`` after it: ``generate(prompt, 1 + N)`` minus the first.
+   bytes. Time to first byte: ``generate(model, prompt, 1)``, the prefill and the first byte sampled, synchronised
+   (median of 3); then bytes/s of the ``--new_bytes`` after it: ``generate(model, prompt, 1 + N)`` minus the first.
    Under bf16-mixed the model is cast to bf16 once (``generate`` would copy it at every call).
 
 Writes JSON (``--out``) and prints a table last. On an H100, ``--max_step_seconds 60 --new_bytes 4096``
@@ -49,9 +49,12 @@ from profile_step import step_fn
 
 from cli import main
 from datamodules.base import ByteDataModule
-from megabyte.compilation import inductor_options
-from megabyte.lm import apply_memory_options, bits_per_byte, build_model, parameter_groups
-from megabyte.model import ByteTransformerConfig, MegaByteConfig, ModelConfig
+from megabyte.bits import byte_bits
+from megabyte.config import ByteTransformerConfig, MegaByteConfig, ModelConfig
+from megabyte.generation import generate
+from megabyte.model import build_model
+from megabyte.optim import parameter_groups
+from megabyte.parallelize import inductor_options, parallelize
 
 SEQ_LENS = (65536, 262144, 1048576)
 
@@ -82,7 +85,7 @@ def parameters(model: torch.nn.Module) -> int:
 def build(config: ModelConfig, memory: dict[str, Any], device: torch.device) -> torch.nn.Module:
     """The model of ``config`` on ``device`` (initialised there), with MegaByteLM's memory options."""
     with device:
-        return apply_memory_options(build_model(config), **memory)
+        return parallelize(build_model(config), **memory)
 
 
 def time_steps(
@@ -96,10 +99,10 @@ def time_steps(
     try:
         model = build(config, memory, device)
         row["parameters"] = parameters(model)
-        loss_fn = bits_per_byte
+        loss_fn = byte_bits
         if compile_mode is not None:  # as MegaByteLM.configure_model does
             model.compile(fullgraph=True, dynamic=False, options=inductor_options(compile_mode))
-            loss_fn = torch.compile(bits_per_byte, fullgraph=True, dynamic=False)
+            loss_fn = torch.compile(byte_bits, fullgraph=True, dynamic=False)
         optimizer = torch.optim.AdamW(parameter_groups(model, 0.1), lr=1e-4, fused=device.type == "cuda")
         generator = torch.Generator(device).manual_seed(0)
         for _ in range(warmup):
@@ -213,17 +216,17 @@ def time_generation(
         model.to(dtype)
     prompt = prompt[None].to(device)  # (1, n)
 
-    def generate(n_bytes: int) -> float:
+    def seconds_to_generate(n_bytes: int) -> float:
         generator = torch.Generator(device).manual_seed(0)
         synchronize(device)
         start = time.perf_counter()
-        model.generate(prompt, n_bytes, generator=generator)
+        generate(model, prompt, n_bytes, generator=generator)
         synchronize(device)
         return time.perf_counter() - start
 
-    generate(1)  # warm-up: the kernels of the prompt's shapes
-    first = statistics.median(generate(1) for _ in range(3))
-    total = generate(1 + new_bytes)
+    seconds_to_generate(1)  # warm-up: the kernels of the prompt's shapes
+    first = statistics.median(seconds_to_generate(1) for _ in range(3))
+    total = seconds_to_generate(1 + new_bytes)
     return {
         "prompt_bytes": prompt.shape[1], "new_bytes": new_bytes, "max_seq_len": max_seq_len,
         "dtype": str(dtype or torch.get_default_dtype()), "time_to_first_byte_s": first,

@@ -16,16 +16,18 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from cli import main
-from megabyte.compilation import inductor_options
+from megabyte.attention import BACKENDS
+from megabyte.bits import byte_bits
 from megabyte.flops import training_flops_per_byte
-from megabyte.lm import bits_per_byte, build_model, clip_gradient_norm, parameter_groups
-from train_speed import SHORT_ATTENTION, use_short_attention
+from megabyte.model import build_model
+from megabyte.optim import clip_gradient_norm, parameter_groups
+from megabyte.parallelize import inductor_options
 
 
 BF16_AUTOCAST = functools.partial(torch.autocast, "cuda", torch.bfloat16)
 
 
-def step_fn(model, optimizer, x, loss_fn=bits_per_byte, context=BF16_AUTOCAST):
+def step_fn(model, optimizer, x, loss_fn=byte_bits, context=BF16_AUTOCAST):
     """One training step as MegaByteLM takes it: forward and loss (mean bits per byte) under ``context()``
     (bf16 autocast; a Trainer's ``precision_plugin.forward_context`` elsewhere), backward, clipping, AdamW.
     The logits are not kept through the backward pass (at T = 1M, 0.5 GiB in bf16)."""
@@ -59,14 +61,17 @@ def time_by_kind(prof, steps: int) -> dict[str, float]:
     return totals
 
 
-def run(config: str, overrides: list[str], steps: int, compile: bool, trace: str | None, mode: str | None) -> None:
+def run(
+    config: str, overrides: list[str], steps: int, compile: bool, trace: str | None, mode: str | None,
+    short_attention: str = "auto",
+) -> None:  # fmt: skip
     cli = main([f"--config={config}", *overrides, "--trainer.logger=false"], run=False)
     torch.manual_seed(0)
-    model = build_model(cli.model.config).cuda()
-    loss_fn = bits_per_byte
+    model = build_model(cli.model.config, short_attention).cuda()
+    loss_fn = byte_bits
     if compile:  # as MegaByteLM.configure_model does
         model.compile(fullgraph=True, dynamic=False, options=inductor_options(mode or "default"))
-        loss_fn = torch.compile(bits_per_byte, fullgraph=True, dynamic=False)
+        loss_fn = torch.compile(byte_bits, fullgraph=True, dynamic=False)
     optimizer = torch.optim.AdamW(parameter_groups(model, 0.1), lr=1e-4, fused=True)
     B, T = cli.datamodule.batch_size, cli.datamodule.seq_len
     x = torch.randint(0, 256, (B, T), device="cuda")
@@ -101,9 +106,8 @@ if __name__ == "__main__":
     parser.add_argument("--trace")
     parser.add_argument("--eager", action="store_true", help="also profile the eager model")
     parser.add_argument("--mode", help="torch.compile mode, e.g. reduce-overhead")
-    parser.add_argument("--short_attention", choices=SHORT_ATTENTION, default="kernel", help=use_short_attention.__doc__)
+    parser.add_argument("--short_attention", choices=BACKENDS, default="auto", help="megabyte.attention's backend")
     args, overrides = parser.parse_known_args()
-    use_short_attention(args.short_attention)
     if args.eager:
-        run(args.config, overrides, args.steps, False, args.trace, None)
-    run(args.config, overrides, args.steps, True, args.trace, args.mode)
+        run(args.config, overrides, args.steps, False, args.trace, None, args.short_attention)
+    run(args.config, overrides, args.steps, True, args.trace, args.mode, args.short_attention)

@@ -1,5 +1,5 @@
 """The local model's attention alone (many short causal sequences), forward and backward: the Triton
-kernel (``megabyte/short_attention.py``) at several tile sizes against SDPA over packed sequences (the
+kernel (``megabyte/kernels/short_attention.py``) at several tile sizes against SDPA over packed sequences (the
 path taken with attention dropout) and the written-out matmuls (the CPU path). Each variant maps the
 fused projection's output qkv (N, L, 3d) to (N, L, d); its error against float64 is printed beside
 its time (on a GPU, of its kernels) and its rate over the fewest bytes the forward and
@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
-from megabyte.model import block_causal_mask, sequences_per_pack, written_out_attention
-from megabyte.short_attention import short_causal_attention
+from megabyte.attention import block_causal_mask, sequences_per_pack, written_out_attention
+from megabyte.kernels.short_attention import short_causal_attention
 from profile_step import time_by_kind
 
 

@@ -28,8 +28,9 @@ import torch
 
 from callbacks.throughput import peak_flops
 from cli import main
-from megabyte import model as model_module
+from megabyte.attention import BACKENDS
 from megabyte.flops import training_flops_per_byte
+from megabyte.transformer import CausalSelfAttention
 
 
 class SpeedProbe(L.Callback):
@@ -85,8 +86,11 @@ def state_bytes(pl_module: L.LightningModule, optimizer: torch.optim.Optimizer) 
     }
 
 
-def measure(config: str, overrides: list[str], warmup: int = 10, steps: int = 30) -> dict[str, Any]:
-    """Train ``warmup + steps`` batches of ``config``; return the measured figures."""
+def measure(
+    config: str, overrides: list[str], warmup: int = 10, steps: int = 30, short_attention: str = "auto"
+) -> dict[str, Any]:
+    """Train ``warmup + steps`` batches of ``config`` with the ``short_attention`` backend; return the
+    measured figures."""
     with tempfile.TemporaryDirectory() as tmp:
         cli = main(
             [
@@ -97,6 +101,7 @@ def measure(config: str, overrides: list[str], warmup: int = 10, steps: int = 30
             ],
             run=False,
         )  # fmt: skip
+        use_short_attention(cli.model.model, short_attention)
         probe = SpeedProbe(warmup, steps)
         cli.trainer.callbacks.append(probe)
         wall = time.perf_counter()
@@ -136,25 +141,21 @@ def measure(config: str, overrides: list[str], warmup: int = 10, steps: int = 30
     }
 
 
-SHORT_ATTENTION = ("kernel", "packed", "written-out")
-
-
-def use_short_attention(path: str) -> None:
-    """Which attention the local model's short sequences take on a GPU, for before/after rows: the
-    Triton kernel (the default), SDPA over packed sequences (the path with attention dropout), or
-    written-out matmuls (the CPU's path)."""
-    if path != "kernel":
-        model_module.uses_short_attention_kernel = lambda x, dropout: False
-    if path == "written-out":
-        model_module.packs_short_sequences = lambda device: False
+def use_short_attention(model: torch.nn.Module, backend: str) -> None:
+    """Which attention the short sequences (the local model's patches) take, for before/after rows:
+    "auto" (on a GPU without attention dropout the Triton kernel), "kernel", "packed" (SDPA over packed
+    sequences, the path with attention dropout) or "written-out" (the CPU's matmuls)."""
+    for module in model.modules():
+        if isinstance(module, CausalSelfAttention):
+            module.short_attention = backend
 
 
 def table_row(r: dict[str, Any]) -> str:
     state = r["state_gib"]
     mfu = f"{100 * r['mfu']:.1f} %" if r["mfu"] is not None else "-"
     memory = f"{r['peak_memory_gib']:.1f}" if r["peak_memory_gib"] is not None else "-"
-    path = r.get("short_attention", "kernel")
-    variant = "" if path == "kernel" else f" (short attention: {path})"
+    path = r.get("short_attention", "auto")
+    variant = "" if path in ("auto", "kernel") else f" (short attention: {path})"
     return (
         f"| {r['model']} | {Path(r['config']).name} {' '.join(r['overrides'])}{variant} "
         f"| {r['bytes_per_sec']:,.0f} | {mfu} "
@@ -175,10 +176,9 @@ def cli_main() -> None:
     parser.add_argument("--warmup", type=int, default=10, help="untimed batches first")
     parser.add_argument("--steps", type=int, default=30, help="timed batches")
     parser.add_argument("--json", help="append the result as one JSON line to this file")
-    parser.add_argument("--short_attention", choices=SHORT_ATTENTION, default="kernel", help=use_short_attention.__doc__)
+    parser.add_argument("--short_attention", choices=BACKENDS, default="auto", help=use_short_attention.__doc__)
     args, overrides = parser.parse_known_args()
-    use_short_attention(args.short_attention)
-    result = measure(args.config, overrides, args.warmup, args.steps)
+    result = measure(args.config, overrides, args.warmup, args.steps, args.short_attention)
     if result is None:  # not the first process
         return
     result["short_attention"] = args.short_attention
