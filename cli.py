@@ -5,7 +5,8 @@ switching modality is switching the ``data:`` block. ``data.seq_len`` is linked 
 ``max_seq_len``: it is typed once. With ``--ckpt_path FILE`` (on the command line or in a config
 file) the model (and, unless given, the data) is rebuilt from the hyperparameters stored in the
 checkpoint; the data's ``seq_len`` may then be shorter than the model's ``max_seq_len``.
-``generate --ckpt_path FILE`` writes samples as files of the data's medium (``.txt``, ``.png``, ``.wav``).
+``generate --ckpt_path FILE`` writes samples as files of the data's medium (``.txt``, ``.png``, ``.wav``):
+its options are those of ``sampling.generate``, which does the sampling.
 """
 
 import importlib
@@ -22,17 +23,17 @@ from jsonargparse import Namespace
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
+import sampling
 from callbacks.checkpoint import ModelCheckpoint
 from callbacks.fault_tolerance import FaultTolerance
 from callbacks.predictions import BitsWriter
-from callbacks.samples import SampleCallback, check_sample_options, generate_samples, validation_prompts
+from callbacks.samples import SampleCallback
 from callbacks.throughput import ThroughputCallback
 from datamodules.base import ByteDataModule
 from megabyte import MegaByteConfig, MegaByteLM
-from megabyte.generation import check_sampling
 
 
 def lightning_resolves(ckpt_path: str) -> bool:
@@ -179,7 +180,7 @@ class MegaByteCLI(LightningCLI):
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
-        return {**LightningCLI.subcommands(), "generate": {"model", "datamodule"}}
+        return {**LightningCLI.subcommands(), "generate": {"trainer", "model", "datamodule"}}
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         argv = sys.argv[1:] if kwargs.get("args") is None else kwargs["args"]
@@ -188,7 +189,7 @@ class MegaByteCLI(LightningCLI):
         super().__init__(*args, **kwargs)
 
     def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
-        """Lightning's subcommands (methods of the Trainer) plus ``generate`` (a method of this class).
+        """Lightning's subcommands (methods of the Trainer) plus ``generate`` (``sampling.generate``).
 
         Only the subcommand that the command line begins with gets its options: building a parser of the
         Trainer's, model's, data's and callbacks' signatures takes about a second each. The others
@@ -196,105 +197,45 @@ class MegaByteCLI(LightningCLI):
         self._subcommand_parsers = {}
         parser_subcommands = parser.add_subcommands()
         for name in self.subcommands():
-            klass = type(self) if name == "generate" else self.trainer_class
-            description = inspect.getdoc(getattr(klass, name)).split("\n")[0]
+            function = sampling.generate if name == "generate" else getattr(self.trainer_class, name)
+            description = inspect.getdoc(function).split("\n")[0]
             subparser_kwargs = {"description": description, **kwargs.get(name, {})}
             if self._first_subcommand in (None, name):
-                self._subcommand_parsers[name] = self._prepare_subcommand_parser(klass, name, **subparser_kwargs)
+                subparser = self._prepare_subcommand_parser(self.trainer_class, name, **subparser_kwargs)
             else:
-                self._subcommand_parsers[name] = self.init_parser(**subparser_kwargs)
-            parser_subcommands.add_subcommand(name, self._subcommand_parsers[name], help=description)
+                subparser = self.init_parser(**subparser_kwargs)
+            self._subcommand_parsers[name] = subparser
+            parser_subcommands.add_subcommand(name, subparser, help=description)
+
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
+        """Lightning's, but ``generate``'s options are the arguments of ``sampling.generate`` (less the
+        Trainer, model and DataModule, which this class gives it)."""
+        if subcommand != "generate":
+            return super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        parser = self.init_parser(**kwargs)
+        self._add_arguments(parser)
+        skip = set(self.subcommands()[subcommand])
+        self._subcommand_method_arguments[subcommand] = parser.add_function_arguments(sampling.generate, skip=skip)
+        return parser
 
     def _run_subcommand(self, subcommand: str) -> None:
         if subcommand == "generate":  # not a Trainer method
-            kwargs = self._prepare_subcommand_kwargs(subcommand)
-            options = inspect.signature(self.check_generate_options).parameters
-            try:  # a refused option is the parser's error, as in instantiate_classes
-                self.check_generate_options(**{k: kwargs[k] for k in options})
-            except ValueError as error:
-                self._parser(subcommand).error(str(error), ex=error)
-            self.generate(**kwargs)
+            self.generate(**self._prepare_subcommand_kwargs(subcommand))
         else:
             super()._run_subcommand(subcommand)
 
-    @staticmethod
-    def check_generate_options(model: MegaByteLM, datamodule: ByteDataModule, sample_len: int | None,
-                               prompt_fraction: float, temperature: float, top_k: int | None,
-                               top_p: float | None) -> int:  # fmt: skip
-        """Raise ValueError naming a ``generate`` option out of range; -> the sample length."""
-        check_sample_options(sample_len, prompt_fraction)
-        check_sampling(temperature, top_k, top_p)
-        sample_len = datamodule.seq_len if sample_len is None else sample_len
-        if sample_len > model.config.max_seq_len:
-            raise ValueError(f"sample_len must be in 1..{model.config.max_seq_len} (the model's max_seq_len)")
-        return sample_len
+    def generate(self, **options: Any) -> list[Path]:
+        """Check ``generate``'s options, then sample with this Trainer (``sampling.generate``) -> the files.
 
-    def generate(
-        self,
-        model: MegaByteLM,
-        datamodule: ByteDataModule,
-        ckpt_path: str,
-        output_dir: str = "samples",
-        n_samples: int = 4,
-        prompt_file: str | None = None,
-        sample_len: int | None = None,
-        prompt_fraction: float = 0.5,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        seed: int = 0,
-        compile: bool = False,
-    ) -> list[Path]:
-        """Generate samples from a checkpoint into files of the data's medium (.txt, .png or .wav).
-
-        Args:
-            ckpt_path: The checkpoint to sample from; it also gives the model (and, unless
-                configured, the data).
-            output_dir: Folder for ``sample_{i}`` and, with validation prompts, ``original_{i}``.
-            n_samples: Number of samples.
-            prompt_file: Prompt with this file, encoded by the DataModule (text: its bytes; images and
-                audio: converted like the training data). A file that fills ``sample_len`` is cut to
-                ``prompt_fraction`` of it: an image keeps its first bytes (the model completes the rest),
-                text and audio their last (the sample continues the end of the file). By default every
-                sample continues the first ``prompt_fraction`` of a validation sequence.
-            sample_len: Bytes per sample, prompt included; default ``data.seq_len`` (the whole image).
-            prompt_fraction: Share of a sample given as the prompt (validation sequences, long prompt files).
-            temperature: Sampling temperature; 0 is greedy.
-            top_k: Sample among the k most likely bytes only.
-            top_p: Sample from the smallest set of bytes whose probability reaches top_p.
-            seed: Seed of the sampling.
-            compile: Compile the decoding steps (``torch.compile``): about a minute at the start,
-                then about 1.5x the bytes/s on a GPU; pays for long samples.
-        """
-        options = (sample_len, prompt_fraction, temperature, top_k, top_p)
-        sample_len = self.check_generate_options(model, datamodule, *options)
-        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        model.load_state_dict(checkpoint["state_dict"])
-        originals = None
-        if prompt_file is not None:
-            prompt = datamodule.encode_file(prompt_file).long()
-            if len(prompt) >= sample_len:  # e.g. a whole image: the model completes its second part
-                n_bytes, prompt = len(prompt), datamodule.cut_prompt(prompt, int(prompt_fraction * sample_len))
-                rank_zero_warn(
-                    f"{prompt_file} gives {n_bytes} bytes, at least sample_len ({sample_len}): prompting with "
-                    f"{len(prompt)} of them (--prompt_fraction of --sample_len)"
-                )
-            prompts = prompt.expand(n_samples, -1)
-        else:
-            datamodule.prepare_data()
-            datamodule.setup("validate")
-            prompts, originals, sample_len = validation_prompts(datamodule, n_samples, sample_len, prompt_fraction)
-        model.to(self.trainer.strategy.root_device)
-        samples = generate_samples(
-            self.trainer, model.model, prompts, sample_len, seed, temperature, top_k, top_p, compile
-        )
-        folder = Path(output_dir)
-        folder.mkdir(parents=True, exist_ok=True)
-        written = [datamodule.save(sample, folder / f"sample_{i}") for i, sample in enumerate(samples)]
-        if originals is not None:
-            written += [datamodule.save(original, folder / f"original_{i}") for i, original in enumerate(originals)]
-        rank_zero_info(f"{len(samples)} samples of {sample_len} bytes ({prompts.shape[1]} of prompt) in {folder}")
-        return written
+        A refused option is the parser's error (usage, the message, exit 2, as in instantiate_classes),
+        before anything is loaded or written; the options checked are those that
+        ``sampling.check_generate_options`` names."""
+        checked = inspect.signature(sampling.check_generate_options).parameters
+        try:
+            sampling.check_generate_options(**{k: options[k] for k in checked})
+        except ValueError as error:
+            self._parser("generate").error(str(error), ex=error)
+        return sampling.generate(self.trainer, **options)
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config

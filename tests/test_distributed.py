@@ -29,7 +29,7 @@ from torch.utils.data import DistributedSampler
 
 from callbacks.predictions import BitsWriter
 from cli import fill_data_parallel_size, main as cli_main
-from callbacks.samples import as_code_block, generate_samples, validation_prompts
+from sampling import as_code_block, generate_samples, validation_prompts
 from datamodules import TextDataModule
 from datamodules.windows import ResumableSampler
 from megabyte import MegaByteLM
