@@ -26,6 +26,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 
 from datamodules.base import ByteDataModule
 from megabyte import MegaByteLM
+from megabyte import generation
 from megabyte.generation import check_sampling
 from megabyte.model import build_model
 
@@ -128,12 +129,13 @@ def generate_samples(
 ) -> torch.Tensor:
     """Continue ``prompts`` (LongTensor (B, n)) to ``sample_len`` bytes on the Trainer's device and
     under its precision (e.g. bf16 autocast), seeded -> LongTensor (B, sample_len) on the CPU.
-    ``compile``: compiled decoding steps (``model.generate``)."""
+    ``compile``: compiled decoding steps (``megabyte.generate``)."""
     device = trainer.strategy.root_device
     generator = torch.Generator(device=device).manual_seed(seed)
     with trainer.precision_plugin.forward_context():
         new_bytes = sample_len - prompts.shape[1]
-        return model.generate(prompts.to(device), new_bytes, temperature, top_k, top_p, generator, compile=compile).cpu()
+        prompts = prompts.to(device)
+        return generation.generate(model, prompts, new_bytes, temperature, top_k, top_p, generator, compile=compile).cpu()
 
 
 def write_files(

@@ -38,7 +38,7 @@ from callbacks.predictions import BitsWriter
 from callbacks.samples import SampleCallback
 from datamodules import TextDataModule
 from megabyte import MegaByteLM
-from megabyte.model import Block
+from megabyte.transformer import Block
 from tests.conftest import tiny_megabyte_config
 
 SEQ_LEN, STEPS = 32, 4

@@ -10,6 +10,7 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from cli import main, read_checkpoint
+from megabyte.parallelize import checkpointed_stacks, local_chunk_patches
 from tests.audio_files import write_wav_folder
 from tests.conftest import REPO
 from tests.image_files import write_image_folder
@@ -168,7 +169,8 @@ def test_seq_len_is_typed_once(text_file, tmp_path, capsys):
 
 def memory_options(model) -> tuple[bool, bool, int | None]:
     """(global model checkpointed, local model checkpointed, local chunk) of a MegaByte."""
-    return model.global_model.activation_checkpointing, model.local_model.activation_checkpointing, model.local_chunk_patches
+    stacks = checkpointed_stacks(model)
+    return "global_model" in stacks, "local_model" in stacks, local_chunk_patches(model)
 
 
 def test_memory_options_are_run_options(text_file, tmp_path, monkeypatch):

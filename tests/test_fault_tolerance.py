@@ -157,7 +157,7 @@ def test_resumable_sampler_order_is_a_function_of_seed_and_epoch():
     "arch, message",
     [
         (tiny_megabyte_config(max_seq_len=32, **{**TINY_ARCH, "d_global": 64}), r"d_global 32 \(checkpoint\) vs 64 \(configured\)"),
-        (tiny_transformer_config(max_seq_len=32), r"arch.class_path megabyte.MegaByteConfig \(checkpoint\) vs megabyte.model.ByteTransformerConfig"),
+        (tiny_transformer_config(max_seq_len=32), r"arch.class_path megabyte.MegaByteConfig \(checkpoint\) vs megabyte.ByteTransformerConfig"),
     ],
 )
 def test_checkpoint_of_another_architecture_gives_one_clear_error(uninterrupted_run, arch, message):

@@ -51,3 +51,31 @@ def test_a_checkpoint_naming_the_old_module_loads(tmp_path):
     assert isinstance(loaded.config, MegaByteConfig) and loaded.config == lm.config
     x = torch.randint(0, 256, (1, 16))
     torch.testing.assert_close(loaded.model(x), lm.model(x), rtol=0, atol=0)
+
+
+def imported_modules(path) -> set[str]:
+    """The full names of the modules that ``path`` imports."""
+    import ast
+
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
+def test_imports_run_one_way_inside_the_model_package():
+    """Only lm.py imports the training libraries; the architectures do not import the decoding loop or
+    how they run; only the optional-speed imports reach into kernels/, each allowed to fail."""
+    package = REPO / "megabyte"
+    for path in sorted(package.rglob("*.py")):
+        roots = {name.split(".")[0] for name in imported_modules(path)}
+        if path.name != "lm.py":
+            assert not roots & set(TRAINING_LIBRARIES), path
+    for room in ("config.py", "attention.py", "transformer.py", "model.py"):
+        assert not imported_modules(package / room) & {"megabyte.generation", "megabyte.parallelize", "megabyte.lm"}, room
+    for path in sorted(package.glob("*.py")):
+        if any(name.startswith("megabyte.kernels") for name in imported_modules(path)):
+            assert "except ImportError" in path.read_text(), path

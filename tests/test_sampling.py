@@ -11,7 +11,7 @@ import torch
 
 from cli import main
 from datamodules import AudioDataModule, ImageDataModule, TextDataModule
-from megabyte import MegaByteLM
+from megabyte import MegaByteLM, generate
 from sampling import as_code_block
 from tests.conftest import REPO
 
@@ -60,7 +60,7 @@ def test_generate_from_a_checkpoint_writes_files(text_file, tmp_path, monkeypatc
     main([*args, f"--prompt_file={tmp_path / 'prompt.txt'}", "--n_samples=1", "--temperature=0", "--sample_len=30"])
     lm = MegaByteLM.load_from_checkpoint(last, map_location="cpu")
     prompt = torch.tensor([list(b"def main(")])
-    expected = lm.model.generate(prompt, 21, temperature=0)[0]
+    expected = generate(lm.model, prompt, 21, temperature=0)[0]
     assert np.array_equal(np.frombuffer((out / "sample_0.txt").read_bytes(), dtype=np.uint8), expected.numpy())
 
     # A prompt file longer than the sample: the sample continues its end (its last prompt_fraction of
@@ -69,7 +69,7 @@ def test_generate_from_a_checkpoint_writes_files(text_file, tmp_path, monkeypatc
     (tmp_path / "long.txt").write_bytes(text)
     with pytest.warns(UserWarning, match=f"gives {len(text)} bytes, at least sample_len \\(32\\): prompting with 16"):
         main([*args, f"--prompt_file={tmp_path / 'long.txt'}", "--n_samples=1", "--temperature=0"])
-    expected = lm.model.generate(torch.tensor([list(text[-16:])]), 16, temperature=0)[0]
+    expected = generate(lm.model, torch.tensor([list(text[-16:])]), 16, temperature=0)[0]
     assert np.array_equal(np.frombuffer((out / "sample_0.txt").read_bytes(), dtype=np.uint8), expected.numpy())
     for option, message in [("--sample_len=0", "sample_len must be >= 1"), ("--prompt_fraction=1.5", "prompt_fraction"),
                              ("--sample_len=33", r"sample_len must be in 1\.\.32 \(the model's max_seq_len\)"),

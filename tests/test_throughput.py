@@ -13,7 +13,8 @@ from callbacks.throughput import ThroughputCallback
 from datamodules import TextDataModule
 from megabyte import ByteTransformerConfig, MegaByteConfig, MegaByteLM
 from megabyte.flops import forward_flops_per_byte, training_flops_per_byte
-from megabyte.lm import bits_per_byte, build_model
+from megabyte.bits import byte_bits
+from megabyte.model import build_model
 from tests.conftest import tiny_megabyte_config, tiny_transformer_config
 
 CONFIGS = {
@@ -28,7 +29,7 @@ def counted_training_flops(config, B: int, T: int, backend: SDPBackend) -> int:
     model = build_model(config)
     x = torch.randint(0, 256, (B, T))
     with sdpa_kernel(backend), FlopCounterMode(display=False) as counter:
-        bits_per_byte(model(x), x).mean().backward()
+        byte_bits(model(x), x).mean().backward()
     return counter.get_total_flops()
 
 
