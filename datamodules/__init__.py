@@ -1,4 +1,8 @@
-"""One LightningDataModule per modality; each turns its media into a raw byte stream and back."""
+"""One LightningDataModule per modality; each turns its media into a raw byte stream and back.
+
+``base.py`` (what every DataModule offers and shares) and ``windows.py`` (windows over a byte stream)
+are the bottom layer; ``text.py``, ``image/`` and ``audio/`` build on them and never on each other.
+"""
 
 from datamodules.audio import AudioDataModule
 from datamodules.base import ByteDataModule

@@ -5,8 +5,14 @@ A DataModule turns its media into byte sequences for training (``(x, mask)`` bat
 (text, an image tensor, a waveform), ``save`` writes it as a file of the medium's own format, and
 ``examples`` hands out validation sequences to prompt generation with. The CLI and the sample
 callback only use this interface, so switching modality is switching the ``data:`` block.
+
+It also holds what the modalities share: the checks of the options every DataModule has, the cache
+folder, the identity of source files in a cache key and the contiguous split of a byte count.
 """
 
+import os
+from collections.abc import Iterable
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from datamodules.windows import PaddedWindows, ResumableSampler, pad_collate
 
 Bytes = bytes | bytearray | np.ndarray | torch.Tensor
+SPLITS = ("train", "val", "test")
 
 
 def as_uint8(data: Bytes) -> np.ndarray:
@@ -34,19 +41,86 @@ def as_uint8(data: Bytes) -> np.ndarray:
     return data
 
 
+# -- what the modalities share --------------------------------------------------------------------
+
+
+def default_cache_dir() -> Path:
+    """``$MEGABYTE_CACHE``, else ``$XDG_CACHE_HOME/megabyte``, else ``~/.cache/megabyte``."""
+    if "MEGABYTE_CACHE" in os.environ:
+        return Path(os.environ["MEGABYTE_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "megabyte"
+
+
+def split_bounds(n_bytes: int, split: tuple[float, float, float]) -> list[int]:
+    """Byte offsets [0, a, b, n] of a contiguous train / val / test split.
+
+    a = floor(n * train), b = floor(n * (train + val)), computed exactly (no float rounding),
+    so docs-prose's 84,283,424 bytes split at 75,855,081 and 80,069,252.
+    """
+    train, val, _ = (Fraction(str(f)) for f in split)
+    return [0, int(n_bytes * train), int(n_bytes * (train + val)), n_bytes]
+
+
+def hash_files(digest: Any, files: Iterable[Path]) -> None:
+    """Add the identity of each of ``files`` (resolved path, size, mtime) to ``digest``, a ``hashlib``
+    hash, so a cache key changes when a source file is edited, replaced or moved. The format must stay
+    as it is: it names the cache folders already written."""
+    for f in files:
+        stat = f.stat()
+        digest.update(f"{f.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+
+
+def check_positive(option: str, value: int) -> None:
+    """Raise a ValueError naming ``option`` unless ``value`` is at least 1."""
+    if value < 1:
+        raise ValueError(f"{option} must be a positive integer, got {value}")
+
+
+def check_choice(option: str, value: str, choices: tuple[str, ...]) -> None:
+    """Raise a ValueError naming ``option`` and its ``choices`` unless ``value`` is one of them."""
+    if value not in choices:
+        raise ValueError(f"{option} must be {' or '.join(repr(c) for c in choices)}, got {value!r}")
+
+
+def check_split(split: tuple[float, float, float], may_be_zero: tuple[str, ...] = ()) -> None:
+    """Raise a ValueError unless ``split`` is three fractions (train, val, test) summing to 1, each
+    positive but those named in ``may_be_zero``, which may be 0."""
+    valid = (
+        len(split) == 3
+        and all(f >= 0 if name in may_be_zero else f > 0 for name, f in zip(SPLITS, split))
+        and abs(sum(split) - 1.0) <= 1e-9
+    )
+    if valid:
+        return
+    if may_be_zero:
+        positive = " and ".join(name for name in SPLITS if name not in may_be_zero)
+        rule = f"three fractions (train, val, test) summing to 1 with {positive} positive"
+    else:
+        rule = "three positive fractions summing to 1 (train, val, test)"
+    raise ValueError(f"split must be {rule}, e.g. [0.9, 0.05, 0.05]; got {split}")
+
+
 class ByteDataModule(L.LightningDataModule):
     """Base of the text, image and audio DataModules.
 
-    Subclasses set ``media`` ("text", "image" or "audio"), ``seq_len`` (bytes per sequence) and
-    implement ``decode``, ``save`` and ``eval_dataset``.
+    Subclasses pass the options every modality has to ``__init__``, set ``media`` ("text", "image" or
+    "audio") and ``seq_len`` (bytes per sequence) and implement ``decode``, ``save`` and ``eval_dataset``.
     """
 
     media: str = "bytes"
     """How the sample callback shows a decoded sequence: "text", "image" or "audio"."""
     seq_len: int
-    batch_size: int
-    num_workers: int
-    seed: int
+
+    def __init__(self, batch_size: int, seed: int, num_workers: int, cache_dir: str | None) -> None:
+        """The options every modality has (each subclass documents them): ``batch_size`` sequences per
+        batch, ``seed`` of the training order, ``num_workers`` DataLoader worker processes and the
+        ``cache_dir`` (None: ``default_cache_dir()``)."""
+        super().__init__()
+        check_positive("batch_size", batch_size)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.num_workers = num_workers
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
 
     @classmethod
     def seq_len_from_args(cls, init_args: dict[str, Any]) -> int:
@@ -102,8 +176,7 @@ class ByteDataModule(L.LightningDataModule):
         """``n`` sequences spread evenly over ``split`` (uint8 (L,) each), to prompt generation with.
 
         The last sequence, which may be a short remainder, is used only when there are no others."""
-        if n < 1:
-            raise ValueError(f"n must be a positive integer, got {n}")
+        check_positive("n", n)
         dataset = self.eval_dataset(split)
         candidates = len(dataset) - 1 if len(dataset) > 1 else 1
         indices = np.linspace(0, candidates - 1, min(n, candidates)).round().astype(int)

@@ -14,19 +14,25 @@ import gzip
 import hashlib
 import json
 import logging
-import os
 import shutil
 import sysconfig
 import urllib.request
 import zipfile
-from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
-import torch
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.base import ByteDataModule, Bytes, as_uint8
+from datamodules.base import (
+    SPLITS,
+    ByteDataModule,
+    Bytes,
+    as_uint8,
+    check_positive,
+    check_split,
+    hash_files,
+    split_bounds,
+)
 from datamodules.windows import EvalWindows, RandomWindows
 
 log = logging.getLogger(__name__)
@@ -34,14 +40,6 @@ log = logging.getLogger(__name__)
 ENWIK8_URL = "http://mattmahoney.net/dc/enwik8.zip"
 ENWIK8_BYTES = 100_000_000
 NAMED_CORPORA = ("python-stdlib", "enwik8")
-SPLITS = ("train", "val", "test")
-
-
-def default_cache_dir() -> Path:
-    """``$MEGABYTE_CACHE``, else ``$XDG_CACHE_HOME/megabyte``, else ``~/.cache/megabyte``."""
-    if "MEGABYTE_CACHE" in os.environ:
-        return Path(os.environ["MEGABYTE_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "megabyte"
 
 
 def python_stdlib_files() -> list[Path]:
@@ -73,16 +71,6 @@ def read_chunks(file: Path, chunk_size: int = 1 << 22):
     with opener(file, "rb") as f:
         while chunk := f.read(chunk_size):
             yield chunk
-
-
-def split_bounds(n_bytes: int, split: tuple[float, float, float]) -> list[int]:
-    """Byte offsets [0, a, b, n] of a contiguous train / val / test split.
-
-    a = floor(n * train), b = floor(n * (train + val)), computed exactly (no float rounding),
-    so docs-prose's 84,283,424 bytes split at 75,855,081 and 80,069,252.
-    """
-    train, val, _ = (Fraction(str(f)) for f in split)
-    return [0, int(n_bytes * train), int(n_bytes * (train + val)), n_bytes]
 
 
 def download_enwik8(folder: Path) -> Path:
@@ -161,21 +149,13 @@ class TextDataModule(ByteDataModule):
             cache_dir: Where split corpora (and downloads) are kept; default ``$MEGABYTE_CACHE``
                 or ``~/.cache/megabyte``.
         """
-        super().__init__()
-        if seq_len < 1:
-            raise ValueError(f"seq_len must be a positive integer, got {seq_len}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
-        if len(split) != 3 or any(f <= 0 for f in split) or abs(sum(split) - 1.0) > 1e-9:
-            raise ValueError(f"split must be three positive fractions summing to 1, got {split}")
+        super().__init__(batch_size, seed, num_workers, cache_dir)
+        check_positive("seq_len", seq_len)
+        check_split(split)
         self.save_hyperparameters()
         self.path = path
         self.seq_len = seq_len
-        self.batch_size = batch_size
         self.split = tuple(split)
-        self.seed = seed
-        self.num_workers = num_workers
-        self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self.splits: dict[str, np.ndarray] = {}
 
     # -- corpus -> cached uint8 file ------------------------------------------------------------
@@ -193,9 +173,7 @@ class TextDataModule(ByteDataModule):
     def cache_folder(self, files: list[Path]) -> Path:
         """A folder named for the corpus and the identity (path, size, mtime) of its ``files``."""
         digest = hashlib.sha256()
-        for f in files:
-            stat = f.stat()
-            digest.update(f"{f.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        hash_files(digest, files)
         name = Path(self.path).name.replace(".", "_") or "corpus"
         return self.cache_dir / "corpora" / f"{name}-{digest.hexdigest()[:16]}"
 

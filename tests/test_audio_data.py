@@ -11,17 +11,11 @@ import pytest
 import soundfile
 import torch
 
-import datamodules.audio
-from datamodules.audio import (
-    SPLITS,
-    AudioDataModule,
-    assign_splits,
-    mulaw_to_waveform,
-    pcm16_to_waveform,
-    wav_missing_bytes,
-    waveform_to_mulaw,
-    waveform_to_pcm16,
-)
+import datamodules.audio.datamodule
+from datamodules.audio import AudioDataModule, mulaw_to_waveform, pcm16_to_waveform, waveform_to_mulaw, waveform_to_pcm16
+from datamodules.audio.sources import wav_missing_bytes
+from datamodules.audio.splits import assign_splits
+from datamodules.base import SPLITS
 from datamodules.windows import RandomWindows
 from megabyte import MegaByteLM
 from tests.audio_files import FSDD_TEST_PATTERN, fsdd_name, sine, write_tar, write_wav_folder
@@ -344,7 +338,7 @@ def test_cache_is_reused_and_follows_files_and_options(tmp_path, monkeypatch):
     def no_decoding(*args, **kwargs):
         raise AssertionError("decoded again")
 
-    monkeypatch.setattr(datamodules.audio, "read_waveform", no_decoding)
+    monkeypatch.setattr(datamodules.audio.datamodule, "read_waveform", no_decoding)
     again = make_dm(folder, tmp_path, test_pattern=FSDD_TEST_PATTERN)
     assert all(bytes(again.splits[s]) == bytes(first.splits[s]) for s in SPLITS)
     for changed in ({"sample_rate": 16000}, {"encoding": "mulaw"}, {"seed": 1}, {"split": (0.8, 0.2, 0.0)}):

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-import datamodules.image
+import datamodules.image.downloads
 from datamodules.image import ImageDataModule, bytes_to_image, image_to_bytes, pixels_to_bytes
 from megabyte import MegaByteLM
 from tests.conftest import tiny_megabyte_config
@@ -431,7 +431,7 @@ def test_named_source_download_failure_says_where_to_put_the_files(tmp_path, mon
     def offline(*args, **kwargs):
         raise RuntimeError("Error downloading train-images-idx3-ubyte.gz: no network")
 
-    monkeypatch.setattr(datamodules.image.torchvision.datasets, "MNIST", offline)
+    monkeypatch.setattr(datamodules.image.downloads.torchvision.datasets, "MNIST", offline)
     dm = ImageDataModule("mnist", cache_dir=str(tmp_path / "cache"), num_workers=0)
     message = r"mnist is not in .*MNIST/raw and could not be downloaded .*no network.*data.path"
     with pytest.raises(RuntimeError, match=message):
@@ -448,7 +448,7 @@ def test_a_partial_download_is_never_taken_for_a_complete_one(tmp_path, monkeypa
     write_idx_images(raw / "train-images-idx3-ubyte.gz", random_pixels(20, 8, 8, 1)[..., 0])
     write_idx_images(raw / "t10k-images-idx3-ubyte.gz", random_pixels(4, 8, 8, 1)[..., 0])
     complete = {f.name: f.read_bytes() for f in raw.iterdir()}
-    monkeypatch.setitem(datamodules.image.TORCHVISION_FILES, "mnist", md5s(raw))
+    monkeypatch.setitem(datamodules.image.downloads.TORCHVISION_FILES, "mnist", md5s(raw))
     (raw / "train-images-idx3-ubyte.gz").write_bytes(complete["train-images-idx3-ubyte.gz"][:100])  # cut short
     downloads = []
 
@@ -458,7 +458,7 @@ def test_a_partial_download_is_never_taken_for_a_complete_one(tmp_path, monkeypa
             if not (raw / name).exists():
                 (raw / name).write_bytes(data)
 
-    monkeypatch.setattr(datamodules.image.torchvision.datasets, "MNIST", download)
+    monkeypatch.setattr(datamodules.image.downloads.torchvision.datasets, "MNIST", download)
     dm = make_dm("mnist", tmp_path, channels=1)
     assert downloads == [["t10k-images-idx3-ubyte.gz"]]  # the truncated file was removed before downloading
     assert [len(dm.splits[s]) for s in ("train", "val", "test")] == [19, 1, 4]
@@ -467,21 +467,21 @@ def test_a_partial_download_is_never_taken_for_a_complete_one(tmp_path, monkeypa
     (raw / "t10k-images-idx3-ubyte.gz").write_bytes(b"not mnist")
     complete["t10k-images-idx3-ubyte.gz"] = b"still not mnist"
     with pytest.raises(RuntimeError, match="do not match torchvision's MD5 checksums"):
-        datamodules.image.download_named("mnist", tmp_path / "cache")
+        datamodules.image.downloads.download_named("mnist", tmp_path / "cache")
 
 
 def test_named_sources_use_files_already_in_the_cache(tmp_path, monkeypatch):
     def no_download(*args, **kwargs):
         raise AssertionError("nothing should be downloaded")
 
-    monkeypatch.setattr(datamodules.image.torchvision.datasets, "MNIST", no_download)
-    monkeypatch.setattr(datamodules.image.torchvision.datasets, "CIFAR10", no_download)
+    monkeypatch.setattr(datamodules.image.downloads.torchvision.datasets, "MNIST", no_download)
+    monkeypatch.setattr(datamodules.image.downloads.torchvision.datasets, "CIFAR10", no_download)
     raw = tmp_path / "cache" / "torchvision" / "MNIST" / "raw"
     raw.mkdir(parents=True)
     write_idx_images(raw / "train-images-idx3-ubyte.gz", random_pixels(20, 8, 8, 1)[..., 0])
     write_idx_images(raw / "t10k-images-idx3-ubyte.gz", random_pixels(4, 8, 8, 1)[..., 0])
     # these stand-ins pass the checksum test only with their own MD5s
-    monkeypatch.setitem(datamodules.image.TORCHVISION_FILES, "mnist", md5s(raw))
+    monkeypatch.setitem(datamodules.image.downloads.TORCHVISION_FILES, "mnist", md5s(raw))
     dm = make_dm("mnist", tmp_path, channels=1)
     assert [len(dm.splits[s]) for s in ("train", "val", "test")] == [19, 1, 4]
 
@@ -489,7 +489,7 @@ def test_named_sources_use_files_already_in_the_cache(tmp_path, monkeypatch):
     batches.mkdir()
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
         write_cifar_batch(batches / name, random_pixels(2, 32, 32, 3))
-    monkeypatch.setitem(datamodules.image.TORCHVISION_FILES, "cifar10", md5s(batches))
+    monkeypatch.setitem(datamodules.image.downloads.TORCHVISION_FILES, "cifar10", md5s(batches))
     dm = make_dm("cifar10", tmp_path, image_size=32, split=(0.8, 0.2, 0.0))
     assert [len(dm.splits[s]) for s in ("train", "val", "test")] == [8, 2, 2]
 

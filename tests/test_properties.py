@@ -8,7 +8,8 @@ from hypothesis import strategies as st
 
 from datamodules.audio import decode_bytes
 from datamodules.image import bytes_to_image
-from datamodules.text import SPLITS, bytes_to_text, split_bounds
+from datamodules.base import SPLITS, split_bounds
+from datamodules.text import bytes_to_text
 from datamodules.windows import EvalWindows, RandomWindows, ResumableSampler
 from megabyte import ByteTransformer, MegaByte
 from tests.conftest import tiny_megabyte_config, tiny_transformer_config

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from datamodules import TextDataModule
-from datamodules.text import python_stdlib_files, split_bounds
+from datamodules.base import split_bounds
+from datamodules.text import python_stdlib_files
 from datamodules.windows import EvalWindows, RandomWindows, pad_collate
 
 

@@ -1,247 +1,27 @@
-"""Audio files as a byte stream: 16-bit PCM (the paper's raw format) or 8-bit mu-law.
-
-``path`` names a folder of audio files (every file under it, sorted by path) or a ``.tar`` /
-``.tar.gz`` archive of them (read directly, members in archive order). Any format libsndfile reads
-works: WAV (PCM 8/16/24/32-bit, float 32/64), FLAC, ...; any sample rate, mono or stereo. Each file
-is mixed to mono (the mean of its channels), resampled to ``sample_rate`` and encoded as bytes:
-
-- ``pcm16``: 16-bit signed little-endian PCM, 2 bytes a sample (what the paper models);
-- ``mulaw``: 8-bit mu-law (256 levels), 1 byte a sample.
-
-Splits are made by file, never inside one: ``test_pattern`` / ``val_pattern`` claim the files whose
-name matches, and the others are shuffled (seeded) and shared out by the ``split`` fractions (see
-``assign_splits``). Each split is its files' bytes concatenated, written once as a uint8 file in a
-cache folder and memory-mapped. A file that cannot be read as audio is skipped with a warning
-naming it (or raises, with ``on_bad_file="raise"``).
-"""
+"""``AudioDataModule``: encodes the files of each split once into a cached byte stream in
+``prepare_data``, memory-maps it in ``setup``, and turns bytes back into waveforms and WAV files."""
 
 import contextlib
 import hashlib
-import io
 import json
 import logging
 import re
-import tarfile
 import warnings
 import wave
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
-import soundfile
 import torch
-import torchaudio.functional as AF
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.base import ByteDataModule, Bytes, as_uint8
-from datamodules.text import default_cache_dir
+from datamodules.audio.codec import BYTES_PER_SAMPLE, decode_bytes, encode_waveform, waveform_to_pcm16
+from datamodules.audio.sources import file_names, read_files, read_waveform, source_files
+from datamodules.audio.splits import assign_splits
+from datamodules.base import SPLITS, ByteDataModule, Bytes, check_choice, check_split, hash_files
 from datamodules.windows import EvalWindows, RandomWindows
 
 log = logging.getLogger(__name__)
-
-SPLITS = ("train", "val", "test")
-BYTES_PER_SAMPLE = {"pcm16": 2, "mulaw": 1}
-MULAW_LEVELS = 256
-PCM16_SCALE = 32768  # int16 value k <-> amplitude k / 32768, so -32768 is exactly -1.0
-
-# -- waveform <-> bytes -----------------------------------------------------------------------
-
-
-def _clipped(waveform: torch.Tensor | np.ndarray) -> np.ndarray:
-    """Any waveform -> float64 (N,) in [-1, 1]; NaN becomes 0, +-inf becomes +-1."""
-    if isinstance(waveform, torch.Tensor):
-        waveform = waveform.detach().cpu().double().numpy()
-    waveform = np.asarray(waveform, dtype=np.float64).reshape(-1)
-    return np.clip(np.nan_to_num(waveform, nan=0.0, posinf=1.0, neginf=-1.0), -1.0, 1.0)
-
-
-def waveform_to_pcm16(waveform: torch.Tensor | np.ndarray) -> np.ndarray:
-    """float (N,), amplitude in [-1, 1] (clipped) -> uint8 (2N,): int16 round(x * 32768), little-endian.
-
-    +1.0 becomes 32767, the largest int16; ``pcm16_to_waveform`` inverts it within 1 / 32768.
-    """
-    samples = np.clip(np.rint(_clipped(waveform) * PCM16_SCALE), -PCM16_SCALE, PCM16_SCALE - 1)
-    return samples.astype("<i2").view(np.uint8)
-
-
-def pcm16_to_waveform(data: Bytes) -> torch.Tensor:
-    """Any bytes (2N or 2N + 1), read as int16 little-endian -> float32 (N,) in [-1, 1).
-
-    An odd trailing byte (half a sample) is dropped. Bytes -> waveform -> bytes is exact.
-    """
-    data = as_uint8(data)
-    samples = np.ascontiguousarray(data[: len(data) // 2 * 2]).view("<i2")
-    return torch.from_numpy(samples.astype(np.float32) / PCM16_SCALE)
-
-
-def waveform_to_mulaw(waveform: torch.Tensor | np.ndarray) -> np.ndarray:
-    """float (N,), amplitude in [-1, 1] (clipped) -> uint8 (N,): mu-law codes 0..255 (mu = 255)."""
-    codes = AF.mu_law_encoding(torch.from_numpy(_clipped(waveform)), MULAW_LEVELS)
-    return codes.numpy().astype(np.uint8)
-
-
-def mulaw_to_waveform(data: Bytes) -> torch.Tensor:
-    """Any bytes (N,), each a mu-law code -> float32 (N,) in [-1, 1]. Within one quantization
-    step of the waveform ``waveform_to_mulaw`` encoded; codes -> waveform -> codes is exact."""
-    codes = torch.from_numpy(as_uint8(data).astype(np.int64))
-    return AF.mu_law_decoding(codes, MULAW_LEVELS).float()
-
-
-def encode_waveform(waveform: torch.Tensor | np.ndarray, encoding: str) -> np.ndarray:
-    """float (N,) in [-1, 1] -> uint8 (N * bytes per sample,) in ``encoding`` ("pcm16" or "mulaw")."""
-    return waveform_to_pcm16(waveform) if encoding == "pcm16" else waveform_to_mulaw(waveform)
-
-
-def decode_bytes(data: Bytes, encoding: str) -> torch.Tensor:
-    """Any bytes in ``encoding`` ("pcm16" or "mulaw") -> float32 (N,) in [-1, 1]; never raises on content."""
-    return pcm16_to_waveform(data) if encoding == "pcm16" else mulaw_to_waveform(data)
-
-
-# -- audio files -> waveforms -----------------------------------------------------------------
-
-
-def wav_missing_bytes(raw: bytes) -> int:
-    """How many bytes the ``data`` chunk of a RIFF/WAVE file declares but the file lacks (0 when
-    complete, not a WAV, or written by a stream with the unknown-length marker 0xFFFFFFFF).
-
-    libsndfile reads a truncated WAV without complaint, so truncation is checked here.
-    """
-    if raw[:4] != b"RIFF" or raw[8:12] != b"WAVE":
-        return 0
-    pos = 12
-    while pos + 8 <= len(raw):
-        chunk_id, size = raw[pos : pos + 4], int.from_bytes(raw[pos + 4 : pos + 8], "little")
-        if chunk_id == b"data":
-            return 0 if size == 0xFFFFFFFF else max(0, size - (len(raw) - pos - 8))
-        pos += 8 + size + (size & 1)  # chunks are padded to an even size
-    return 0
-
-
-def read_waveform(raw: bytes, sample_rate: int) -> torch.Tensor:
-    """The bytes of an audio file -> float32 (N,) in [-1, 1] (floats are clipped when encoded), mono
-    (the mean of the channels), resampled to ``sample_rate`` Hz.
-
-    Raises ValueError, saying why, for anything but complete, non-empty, finite audio.
-    """
-    try:
-        frames, file_rate = soundfile.read(io.BytesIO(raw), dtype="float32", always_2d=True)  # (T, C)
-    except soundfile.SoundFileError as error:
-        reason = getattr(error, "error_string", str(error)).rstrip(".")  # libsndfile's words, without its file object
-        raise ValueError(f"not a readable audio file (libsndfile: {reason})") from error
-    if (missing := wav_missing_bytes(raw)) > 0:
-        raise ValueError(f"truncated: its WAV data chunk lacks {missing} bytes")
-    if frames.size == 0:
-        raise ValueError("holds no samples")
-    if not np.isfinite(frames).all():
-        raise ValueError("holds non-finite samples (NaN or infinity)")
-    waveform = torch.from_numpy(frames.mean(axis=1))  # (T,)
-    if file_rate != sample_rate:
-        waveform = AF.resample(waveform, orig_freq=file_rate, new_freq=sample_rate)  # (ceil(T * new / old),)
-    return waveform
-
-
-def source_files(path: Path) -> list[Path]:
-    """A folder: every file under it, sorted by path; a tar archive (.tar, .tar.gz, ...): itself."""
-    if not path.exists():
-        raise FileNotFoundError(f"data path {str(path)!r} does not exist")
-    if path.is_dir():
-        files = sorted(f for f in path.rglob("*") if f.is_file())
-        if not files:
-            raise ValueError(f"data folder {str(path)!r} contains no files")
-        return files
-    if not tarfile.is_tarfile(path):
-        raise ValueError(
-            f"data path {str(path)!r} is a file but not a tar archive: give a folder of audio files "
-            f"or a .tar / .tar.gz of them"
-        )
-    return [path]
-
-
-def file_names(path: Path, files: list[Path]) -> list[str]:
-    """The names of the ``source_files`` of ``path``: paths relative to the folder, or the member
-    names of the archive's regular files in archive order. Patterns are matched against them."""
-    if path.is_dir():
-        return [f.relative_to(path).as_posix() for f in files]
-    with tarfile.open(path) as tar:
-        names = [member.name for member in tar.getmembers() if member.isfile()]
-    if not names:
-        raise ValueError(f"archive {str(path)!r} contains no files")
-    return names
-
-
-def read_files(path: Path, files: list[Path]) -> Iterator[tuple[str, bytes]]:
-    """Yield ``(name, raw bytes)`` of every file ``file_names`` names, in the same order."""
-    if path.is_dir():
-        for f in files:
-            yield f.relative_to(path).as_posix(), f.read_bytes()
-        return
-    with tarfile.open(path) as tar:
-        for member in tar:
-            if member.isfile():
-                yield member.name, tar.extractfile(member).read()
-
-
-# -- files -> splits --------------------------------------------------------------------------
-
-
-def assign_splits(
-    names: list[str],
-    split: tuple[float, float, float],
-    seed: int,
-    test_pattern: str | None = None,
-    val_pattern: str | None = None,
-) -> dict[str, list[str]]:
-    """Give each file name to exactly one of train / val / test.
-
-    ``test_pattern`` claims the names it matches (``re.search``) for test; ``val_pattern`` then
-    claims the remaining names it matches for val. A split with a pattern ignores its ``split``
-    fraction. The n names left are shuffled (seeded by ``seed``) and shared among the splits without a
-    pattern in proportion to their fractions: val and test take ``max(1, round(n * share))`` names
-    each, share = their fraction / the sum of the fractions of the splits without a pattern (none for
-    a fraction of 0); train takes the rest. So with ``test_pattern`` and ``split=(0.9, 0.1, 0.0)``,
-    val is 10 % of the files the pattern leaves; with the default ``(0.9, 0.05, 0.05)``, 0.05 / 0.95.
-
-    Returns ``{split: names}``, each list in the order of ``names``. Raises ValueError if a split
-    would get no file.
-    """
-    patterns = {"test": test_pattern, "val": val_pattern}  # test first: it wins a name both match
-    claimed: dict[str, str] = {}  # name -> split
-    for s, pattern in patterns.items():
-        if pattern is not None:
-            matches = [n for n in names if n not in claimed and re.search(pattern, n)]
-            if not matches:
-                raise ValueError(
-                    f"{s}_pattern {pattern!r} matches none of the {len(names) - len(claimed)} file names "
-                    f"left to it (e.g. {names[0]!r})"
-                )
-            claimed.update((n, s) for n in matches)
-
-    rest = [n for n in names if n not in claimed]
-    free = {s: f for s, f in zip(SPLITS, split) if patterns.get(s) is None}  # splits shared out by fraction
-    total = sum(free.values())
-    order = np.random.default_rng(seed).permutation(len(rest))
-    start = 0
-    for s in ("val", "test"):
-        if s not in free:
-            continue
-        if free[s] == 0:
-            raise ValueError(f"the {s} split gets no files: give it a positive fraction in split, or a {s}_pattern")
-        count = max(1, round(len(rest) * free[s] / total))
-        claimed.update((rest[i], s) for i in order[start : start + count])
-        start += count
-    claimed.update((rest[i], "train") for i in order[start:])
-    assignment = {s: [n for n in names if claimed[n] == s] for s in SPLITS}
-    if not assignment["train"]:
-        counts = ", ".join(f"{len(assignment[s])} {s}" for s in ("val", "test"))
-        raise ValueError(
-            f"no file is left for the train split ({len(names)} files: {counts}): use more files or smaller "
-            f"val / test shares"
-        )
-    return assignment
-
-
-# -- the DataModule ---------------------------------------------------------------------------
 
 
 class AudioDataModule(ByteDataModule):
@@ -293,7 +73,7 @@ class AudioDataModule(ByteDataModule):
             cache_dir: Where the encoded splits are kept; default ``$MEGABYTE_CACHE`` or
                 ``~/.cache/megabyte``.
         """
-        super().__init__()
+        super().__init__(batch_size, seed, num_workers, cache_dir)
         if encoding not in BYTES_PER_SAMPLE:
             raise ValueError(f"encoding must be one of {list(BYTES_PER_SAMPLE)}, got {encoding!r}")
         step = BYTES_PER_SAMPLE[encoding]
@@ -302,34 +82,26 @@ class AudioDataModule(ByteDataModule):
                 f"seq_len {seq_len} is not a positive multiple of {step}, the bytes of one {encoding} "
                 f"sample: use e.g. seq_len {max(step, seq_len // step * step)}"
             )
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
         if sample_rate < 1:
             raise ValueError(f"sample_rate must be a positive number of Hz, got {sample_rate}")
-        if len(split) != 3 or any(f < 0 for f in split) or split[0] <= 0 or abs(sum(split) - 1.0) > 1e-9:
-            raise ValueError(f"split must be three fractions >= 0 summing to 1, train's positive; got {split}")
+        check_split(split, may_be_zero=("val", "test"))
         for option, pattern in (("test_pattern", test_pattern), ("val_pattern", val_pattern)):
             if pattern is not None:
                 try:
                     re.compile(pattern)
                 except re.error as error:
                     raise ValueError(f"{option} {pattern!r} is not a valid regular expression: {error}") from None
-        if on_bad_file not in ("warn", "raise"):
-            raise ValueError(f"on_bad_file must be 'warn' or 'raise', got {on_bad_file!r}")
+        check_choice("on_bad_file", on_bad_file, ("warn", "raise"))
         self.save_hyperparameters()
         self.path = path
         self.seq_len = seq_len
-        self.batch_size = batch_size
         self.sample_rate = sample_rate
         self.encoding = encoding
         self.bytes_per_sample = step
         self.split = tuple(float(f) for f in split)
         self.test_pattern = test_pattern
         self.val_pattern = val_pattern
-        self.seed = seed
         self.on_bad_file = on_bad_file
-        self.num_workers = num_workers
-        self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self.splits: dict[str, np.ndarray] = {}
         self.files: dict[str, dict[str, int]] = {}
         """After ``setup``: split -> {file name: bytes it adds to the split}, in the split's order."""
@@ -340,9 +112,7 @@ class AudioDataModule(ByteDataModule):
         """A folder named for the source and the identity (path, size, mtime) of its ``files``
         (``source_files``), and for every option that changes the bytes."""
         digest = hashlib.sha256()
-        for f in files:
-            stat = f.stat()
-            digest.update(f"{f.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        hash_files(digest, files)
         options = [self.sample_rate, self.encoding, self.split, self.test_pattern, self.val_pattern, self.seed]
         digest.update(json.dumps(options).encode())
         name = Path(self.path).name.replace(".", "_") or "audio"
