@@ -26,7 +26,7 @@ sequence the byte Transformer of its global model's depth and width trains, and 
    Under bf16-mixed the model is cast to bf16 once (``generate`` would copy it at every call).
 
 Writes JSON (``--out``) and prints a table last. On an H100, ``--max_step_seconds 60 --new_bytes 4096``
-took 110 s (benchmarks/RESULTS.md, session 11); the default cap of 120 s also tries the checkpointed
+took 110 s; the default cap of 120 s also tries the checkpointed
 ByteTransformer at 524,288 bytes (about 75 s a step, extrapolated). Runs on the CPU with a tiny model for the tests
 (``--trainer.accelerator=cpu --trainer.precision=32-true`` and small ``--model.arch.init_args.*``);
 peak memory is then None and no length runs out of memory.

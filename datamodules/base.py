@@ -3,8 +3,9 @@
 A DataModule turns its media into byte sequences for training (``(x, mask)`` batches, see
 ``datamodules/windows.py``) and back again for people to look at: ``decode`` gives the medium
 (text, an image tensor, a waveform), ``save`` writes it as a file of the medium's own format, and
-``examples`` hands out validation sequences to prompt generation with. The CLI and the sample
-callback only use this interface, so switching modality is switching the ``data:`` block.
+``examples`` hands out validation sequences to prompt generation with. Sampling (``sampling.py``, for
+the sample callback and ``cli.py generate``) uses only this interface, so switching modality is
+switching the ``data:`` block.
 
 It also holds what the modalities share: the checks of the options every DataModule has, the cache
 folder, the identity of source files in a cache key and the contiguous split of a byte count.
@@ -108,7 +109,7 @@ class ByteDataModule(L.LightningDataModule):
     """
 
     media: str = "bytes"
-    """How the sample callback shows a decoded sequence: "text", "image" or "audio"."""
+    """How samples show a decoded sequence (``sampling.py``): "text", "image" or "audio"."""
     seq_len: int
 
     def __init__(self, batch_size: int, seed: int, num_workers: int, cache_dir: str | None) -> None:

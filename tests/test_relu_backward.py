@@ -54,9 +54,9 @@ def test_compiled_megabyte_uses_the_kernel_in_every_feed_forward_layer(interpret
 
 
 def test_a_float32_accumulated_bias_sum_reads_the_column_sums(interpreted):
-    """Under CUDA's autocast the bias gradient is a sum over rows with ``dtype=torch.float32`` (missed
-    before: every layer's masked gradient was read again for it, RESULTS.md session 7); it becomes the
-    column sums' sum too, with the same values."""
+    """Under CUDA's autocast the bias gradient is a sum over rows with ``dtype=torch.float32`` (left
+    alone, every layer's masked gradient would be read again for it); it becomes the column sums' sum
+    too, with the same values."""
     result = interpreted["float32 bias sum"]
     assert result["sums before"] == 1 and result["kernels"] == 1 and result["gradient sums left"] == 0
     assert result["grad"] < 1e-6 and result["sum"] < 1e-6
