@@ -166,34 +166,6 @@ def test_both_models_compile_to_one_graph_without_breaks(tiny_model):
     torch.testing.assert_close(compiled(x), tiny_model(x))
 
 
-@pytest.mark.parametrize("N", [24, 7])  # packs of 12 and of 7 patches (at most 128 / 8)
-def test_packed_short_sequences_equal_separate_ones(N):
-    """The GPU's packing of the local model's patches (G side by side under a block-diagonal mask,
-    one fused kernel) gives the outputs and gradients of attending each patch alone."""
-    from megabyte import attention
-    from megabyte.transformer import Transformer
-
-    torch.manual_seed(0)
-    transformer = Transformer(d_model=16, n_layers=2, n_heads=2, d_hidden=32, dropout=0.0, short_attention="written-out")
-    transformer = transformer.double()
-    packing = Transformer(d_model=16, n_layers=2, n_heads=2, d_hidden=32, dropout=0.0, short_attention="packed")
-    packing = packing.double()
-    packing.load_state_dict(transformer.state_dict())
-    h = torch.randn(N, 8, 16, dtype=torch.float64, requires_grad=True)
-    separate = transformer(h)
-    (grad_separate,) = torch.autograd.grad(separate.square().sum(), h)
-    assert attention.sequences_per_pack(N, 8) == (12 if N == 24 else 7)
-    packed = packing(h)
-    (grad_packed,) = torch.autograd.grad(packed.square().sum(), h)
-    torch.testing.assert_close(packed, separate)
-    torch.testing.assert_close(grad_packed, grad_separate)
-    mask = attention.block_causal_mask(2, 3, h.device)
-    assert mask.int().tolist() == [
-        [1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0],
-        [0, 0, 0, 1, 0, 0], [0, 0, 0, 1, 1, 0], [0, 0, 0, 1, 1, 1],
-    ]  # fmt: skip
-
-
 @pytest.mark.parametrize("arch", ["megabyte", "transformer"])
 @pytest.mark.parametrize("autocast_residual", [True, False])
 def test_residual_stream_dtype_under_autocast(arch, autocast_residual):
