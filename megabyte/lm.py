@@ -109,10 +109,9 @@ class MegaByteLM(L.LightningModule):
 
     def configure_model(self) -> None:
         """Apply how the model runs, from outside it (``megabyte.parallelize``): activation checkpointing,
-        local chunks, compilation and sharding. Under Lightning's
-        ``ModelParallelStrategy`` the model is sharded with FSDP2 over the data-parallel processes, each
-        transformer block a unit compiled on its own (without CUDA graphs); otherwise (one device, DDP)
-        the whole model is compiled as one graph. ``nn.Module.compile`` keeps parameter names (and
+        local chunks, compilation and sharding. Under Lightning's ``ModelParallelStrategy`` the model is
+        sharded with FSDP2 over the data-parallel processes, each transformer block a unit compiled on its
+        own (without CUDA graphs); otherwise (one device, DDP) the whole model is compiled as one graph. ``nn.Module.compile`` keeps parameter names (and
         checkpoints) unchanged; generation runs the eager submodules."""
         if self._trainer is None:  # e.g. load_from_checkpoint: no Trainer, no compilation
             return
