@@ -79,3 +79,39 @@ def test_imports_run_one_way_inside_the_model_package():
     for path in sorted(package.glob("*.py")):
         if any(name.startswith("megabyte.kernels") for name in imported_modules(path)):
             assert "except ImportError" in path.read_text(), path
+
+
+KERNELS_HIDDEN = """
+import sys
+if {hide}:
+    sys.modules["megabyte.kernels"] = None  # every import from megabyte.kernels now raises ImportError
+import torch
+from megabyte import MegaByte, MegaByteConfig, generate
+from megabyte import attention, parallelize
+torch.manual_seed(0)
+config = MegaByteConfig(max_seq_len=64, patch_size=4, d_global=32, n_global_layers=2, n_global_heads=2,
+                        d_local=16, n_local_layers=2, n_local_heads=2)
+model = MegaByte(config)
+x = torch.randint(0, 256, (2, 64))
+out = {{
+    "kernel": attention.short_attention_kernel is not None,
+    "passes": "joint_custom_post_pass" in parallelize.inductor_options("default"),
+    "logits": model(x).sum().item(),
+    "greedy": generate(model, x[:, :10], 20, temperature=0).tolist(),
+}}
+print(repr(out))
+"""
+
+
+def test_without_the_kernels_folder_the_model_computes_the_same():
+    """megabyte/kernels/ is optional speed: with its imports failing, as if the folder were deleted, the
+    model falls back to PyTorch's operations and gives the same logits and greedy bytes."""
+    runs = {}
+    for hide in (False, True):
+        script = KERNELS_HIDDEN.format(hide=hide)
+        result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+        runs[hide] = eval(result.stdout.strip().splitlines()[-1])
+    assert runs[True]["kernel"] is False and runs[True]["passes"] is False
+    assert runs[False]["passes"] is True
+    assert runs[True]["logits"] == runs[False]["logits"] and runs[True]["greedy"] == runs[False]["greedy"]
