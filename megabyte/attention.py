@@ -11,7 +11,7 @@ one (``ShortAttention``); "auto" picks the fastest that the device and the dropo
 - "written-out": two small batched matmuls (the CPU, where packing would only multiply the work).
 """
 
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +25,7 @@ SHORT_SEQUENCE = 32  # sequences up to this long take a short-attention backend
 PACKED_LENGTH = 128  # the longest sequence "packed" builds
 
 ShortAttention = Literal["auto", "kernel", "packed", "written-out"]
-BACKENDS = ("auto", "kernel", "packed", "written-out")
+BACKENDS: tuple[str, ...] = get_args(ShortAttention)
 
 
 def written_out_attention(

@@ -23,7 +23,7 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.utils.checkpoint import checkpoint
 
 from megabyte.model import MegaByte
-from megabyte.transformer import Block, Transformer
+from megabyte.transformer import Block, KVCache, Transformer
 
 try:  # the inductor passes are optional speed: without them compilation computes the same
     from megabyte.kernels.inductor_passes import inductor_passes
@@ -80,22 +80,21 @@ def check_run_options(
             raise ValueError(f"local_chunk_patches must be a positive integer or null, got {local_chunk_patches!r}")
 
 
-def recompute_in_backward(module: nn.Module, *args, **kwargs) -> torch.Tensor:
-    """Run ``module`` keeping only its inputs for the backward pass, which recomputes it; without
+def recompute_in_backward(
+    block: Block, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0
+) -> torch.Tensor:
+    """Run ``block`` keeping only its input for the backward pass, which recomputes it; without
     gradients, or decoding with a key/value cache, run it as it is (nothing to keep)."""
-    decoding = any(arg is not None for arg in args[1:2]) or kwargs.get("cache") is not None
-    if decoding or not torch.is_grad_enabled():
-        return module(*args, **kwargs)
+    if cache is not None or not torch.is_grad_enabled():
+        return block(x, cache, layer)
     # Non-reentrant checkpointing: composes with torch.compile (one graph) and autocast.
-    return checkpoint(module, *args, use_reentrant=False, **kwargs)
+    return checkpoint(block, x, use_reentrant=False)
 
 
-def apply_activation_checkpointing(model: nn.Module, names: Sequence[str], skip: Sequence[str] = ()) -> None:
-    """Wrap every block of the stacks ``names`` (but those in ``skip``) in torch's checkpoint wrapper.
-    The wrapper keeps parameter names in state dicts, so checkpoints are the same with or without it."""
+def apply_activation_checkpointing(model: nn.Module, names: Sequence[str]) -> None:
+    """Wrap every block of the stacks ``names`` in torch's checkpoint wrapper. The wrapper keeps
+    parameter names in state dicts, so checkpoints are the same with or without it."""
     for name in names:
-        if name in skip:
-            continue
         blocks = getattr(model, name).blocks
         for i, block in enumerate(blocks):
             if not isinstance(block, CheckpointWrapper):
@@ -104,10 +103,11 @@ def apply_activation_checkpointing(model: nn.Module, names: Sequence[str], skip:
 
 def checkpointed_stacks(model: nn.Module) -> list[str]:
     """The stacks of ``model`` whose blocks are recomputed in the backward pass (by block or by chunk)."""
-    chunked = local_chunk_patches(model) is not None and vars(model)["local_logits"].recompute
+    chunking = vars(model).get("local_logits")  # set by chunk_local_model
+    by_chunk = chunking is not None and chunking.recompute
     return [
         name for name in stacks(model)
-        if isinstance(getattr(model, name).blocks[0], CheckpointWrapper) or (name == "local_model" and chunked)
+        if isinstance(getattr(model, name).blocks[0], CheckpointWrapper) or (name == "local_model" and by_chunk)
     ]  # fmt: skip
 
 
@@ -157,7 +157,9 @@ def parallelize(
     check_run_options(model, activation_checkpointing, local_chunk_patches)
     chunked = local_chunk_patches is not None
     # 1. Activation checkpointing; the chunked local model is recomputed by chunks (step 2) instead.
-    apply_activation_checkpointing(model, activation_checkpointing, skip=("local_model",) if chunked else ())
+    apply_activation_checkpointing(
+        model, [name for name in activation_checkpointing if not (chunked and name == "local_model")]
+    )
     # 2. Local chunking.
     if chunked:
         chunk_local_model(model, local_chunk_patches, recompute="local_model" in activation_checkpointing)
