@@ -1,8 +1,10 @@
 """A fixed tiny run whose results must not move: moving or renaming code may change neither the
 validation bits per byte nor the bytes greedy decoding writes.
 
-The pinned numbers were computed on the CPU (torch 2.11, float32) with the code as it stood before the
-model package was split into rooms; a change of any of them is a change of behaviour."""
+The run is in float64 at a learning rate where training is not chaotic, so its numbers do not depend on
+the CPU: a float32 run of 200 steps at lr 1e-2 amplified the rounding of one CPU's matrix kernels
+against another's to 2 % of val bpb, while this one gives the same bits on one thread or two. The
+pinned numbers were computed on the CPU (torch 2.11); a change of any of them is a change of behaviour."""
 
 import lightning as L
 import pytest
@@ -13,8 +15,8 @@ from megabyte import MegaByteLM, generate
 from tests.conftest import tiny_megabyte_config, tiny_transformer_config
 
 PINNED = {
-    "megabyte": (1.8385812966472994, b"1110. 122 squared is 16222 122 is 122 is"),
-    "transformer": (2.1646890959169576, b"14444 plus 144 is 14 122 s squared is 14"),
+    "megabyte": (3.730492576786099, b"  s   s   s   s   s   s   s   s   s     "),
+    "transformer": (2.863466837675922, b"is is 14 14 1 1 1 1 issssssss 4 1  1 1 1"),
 }
 PROMPT = b"17 squared is "
 
@@ -26,7 +28,7 @@ def corpus() -> bytes:
 
 @pytest.fixture
 def one_thread():
-    """Two hundred steps amplify the rounding of a sum split over threads: the pinned run uses one."""
+    """One thread, as a second guard against the order of a sum split over threads."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -40,16 +42,16 @@ def test_a_fixed_tiny_run_keeps_its_val_bpb_and_greedy_bytes(arch, tmp_path, one
     path.write_bytes(corpus())
     torch.manual_seed(0)
     config = tiny_megabyte_config() if arch == "megabyte" else tiny_transformer_config()
-    lm = MegaByteLM(config, lr=1e-2, warmup_steps=10)
+    lm = MegaByteLM(config, lr=3e-3, warmup_steps=10)
     dm = TextDataModule(str(path), seq_len=64, batch_size=8, num_workers=0, cache_dir=str(tmp_path / "cache"))
     trainer = L.Trainer(
-        accelerator="cpu", max_steps=200, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        accelerator="cpu", precision="64-true", max_steps=150, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
     )  # fmt: skip
     trainer.fit(lm, dm)
-    (result,) = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False).validate(lm, dm)
+    (result,) = L.Trainer(accelerator="cpu", precision="64-true", logger=False, enable_progress_bar=False).validate(lm, dm)
     prompt = torch.tensor([list(PROMPT)])
     greedy = bytes(generate(lm.model, prompt, 40, temperature=0.0)[0, len(PROMPT) :].tolist())
     expected_bpb, expected_bytes = PINNED[arch]
-    assert result["val/bpb"] == pytest.approx(expected_bpb, rel=1e-12)
+    assert result["val/bpb"] == pytest.approx(expected_bpb, rel=1e-9)
     assert greedy == expected_bytes
