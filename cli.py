@@ -12,6 +12,7 @@ its options are those of ``sampling.generate``, which does the sampling.
 import importlib
 import inspect
 import sys
+import sysconfig
 import typing
 import warnings
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Any, Callable
 
 import torch
 import yaml
-from jsonargparse import Namespace
+from jsonargparse import ArgumentParser, Namespace
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -198,7 +199,7 @@ class MegaByteCLI(LightningCLI):
         parser_subcommands = parser.add_subcommands()
         for name in self.subcommands():
             function = sampling.generate if name == "generate" else getattr(self.trainer_class, name)
-            description = inspect.getdoc(function).split("\n")[0]
+            description = DESCRIPTIONS.get(name) or inspect.getdoc(function).split("\n")[0]
             subparser_kwargs = {"description": description, **kwargs.get(name, {})}
             if self._first_subcommand in (None, name):
                 subparser = self._prepare_subcommand_parser(self.trainer_class, name, **subparser_kwargs)
@@ -206,6 +207,8 @@ class MegaByteCLI(LightningCLI):
                 subparser = self.init_parser(**subparser_kwargs)
             self._subcommand_parsers[name] = subparser
             parser_subcommands.add_subcommand(name, subparser, help=description)
+        for name, description in TOOLS.items():  # listed in --help; main runs them without a Trainer
+            parser_subcommands.add_subcommand(name, self.init_parser(description=description), help=description)
 
     def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
         """Lightning's, but ``generate``'s options are the arguments of ``sampling.generate`` (less the
@@ -286,9 +289,77 @@ class MegaByteCLI(LightningCLI):
         super().parse_arguments(parser, args)
 
 
-def main(args: list[str] | None = None, run: bool = True) -> MegaByteCLI:
+def configs_dir() -> Path:
+    """The shipped configs: ``configs/`` beside this file in a checkout (or an editable install), else
+    where ``pip install`` puts them (``<prefix>/share/megabyte-lightning/configs``, setup.cfg's data_files)."""
+    beside = Path(__file__).resolve().parent / "configs"
+    return beside if beside.is_dir() else Path(sysconfig.get_path("data")) / "share" / "megabyte-lightning" / "configs"
+
+
+def config_names(argv: list[str]) -> list[str]:
+    """``--config NAME`` for a shipped config (``quickstart``, ``image/mnist``) -> its path; a value that
+    is a file, or that names no shipped config, is left for the parser to read or refuse."""
+    argv = list(argv)
+    for i, arg in enumerate(argv):
+        name, eq, value = arg.partition("=")
+        if name not in ("--config", "-c"):
+            continue
+        j, value = (i, value) if eq else (i + 1, argv[i + 1] if i + 1 < len(argv) else "")
+        shipped = configs_dir() / f"{value.removesuffix('.yaml')}.yaml"
+        if value and not Path(value).exists() and shipped.is_file():
+            argv[j] = f"{name}={shipped}" if eq else str(shipped)
+    return argv
+
+
+DESCRIPTIONS = {
+    "fit": "Train a model (resume one with --ckpt_path).",
+    "validate": "Score the validation split: val/bpb.",
+    "test": "Score the test split: test/bpb.",
+    "predict": "Write the bits spent on every byte of the test split to predict_bits.npy.",
+}
+"""One line for each of Lightning's subcommands in ``--help`` (their docstrings' first lines break mid-sentence)."""
+
+TOOLS = {
+    "export": "Write a checkpoint's model as DIR/config.json and DIR/model.safetensors (weights only).",
+}
+"""Subcommands that use a trained model without a Trainer: parsed here, run by ``megabyte.pretrained``."""
+
+
+def tool_parser(name: str) -> ArgumentParser:
+    parser = ArgumentParser(prog=f"megabyte {name}", description=TOOLS[name], exit_on_error=True)
+    if name == "export":
+        parser.add_argument("ckpt_path", type=str, help="A checkpoint written by fit (.ckpt).")
+        parser.add_argument("folder", type=str, help="The folder to write (new or empty).")
+        parser.add_argument("--dtype", type=str | None, default=None, help="float32, bfloat16 or float16 weights (default: as trained, float32).")
+    return parser
+
+
+def run_tool(argv: list[str]) -> None:
+    """``export CKPT DIR``: a refused input is the parser's one ``error:`` line (exit 2)."""
+    import megabyte
+
+    name, parser = argv[0], tool_parser(argv[0])
+    options = parser.parse_args(argv[1:])
+    try:
+        if name == "export":
+            folder = megabyte.export(options.ckpt_path, options.folder, options.dtype)
+            print(f"wrote {folder / 'config.json'} and {folder / 'model.safetensors'}")
+    except (ValueError, OSError) as error:
+        parser.error(str(error))
+
+
+def main(args: list[str] | None = None, run: bool = True) -> MegaByteCLI | None:
     """Parse ``args`` (default: the command line) and run the subcommand; with ``run=False`` there is
-    no subcommand: the model, data and Trainer are only built (benchmarks drive them)."""
+    no subcommand: the model, data and Trainer are only built (benchmarks drive them). ``--config
+    NAME`` may name a shipped config (``quickstart``); ``export`` runs without a Trainer (-> None)."""
+    if args is None:
+        sys.argv[1:] = config_names(sys.argv[1:])
+    else:
+        args = config_names(args)
+    argv = sys.argv[1:] if args is None else args
+    if argv and argv[0] in TOOLS:
+        run_tool(argv)
+        return None
     torch.set_float32_matmul_precision("high")  # TF32 for any float32 matmul on recent GPUs
     int_before_float(Trainer.__init__)  # --trainer.limit_val_batches 1 is one batch, 1.0 all of them
     # Lightning warns on every mid-epoch resume that the DataLoader cannot resume; our DataModules
@@ -311,5 +382,10 @@ def main(args: list[str] | None = None, run: bool = True) -> MegaByteCLI:
     )
 
 
-if __name__ == "__main__":
+def command() -> None:
+    """The ``megabyte`` command (setup.cfg's console script): ``main`` on the command line."""
     main()
+
+
+if __name__ == "__main__":
+    command()
