@@ -18,6 +18,8 @@ from typing import Literal
 import numpy as np
 from PIL import Image, ImageOps
 
+from datamodules.base import check_exists, listed_files
+
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 IDX_IMAGES = re.compile(r".*idx3-ubyte(\.gz)?$")
 
@@ -37,10 +39,9 @@ class ImageSource:
 
 
 def visible_files(folder: Path) -> list[Path]:
-    """Every file under ``folder`` outside hidden files and folders, sorted by path."""
-    return sorted(
-        f for f in folder.rglob("*") if f.is_file() and not any(p.startswith(".") for p in f.relative_to(folder).parts)
-    )
+    """Every file under ``folder`` outside hidden files and folders, sorted by path (broken links skipped,
+    with a warning)."""
+    return listed_files(folder, visible=True)
 
 
 def image_folder(folder: Path, name: str, files: list[Path] | None = None) -> ImageSource:
@@ -72,15 +73,14 @@ def train_and_test(
     return ImageSource(kind, root, tuple(train + test), root.name), None
 
 
-def find_sources(path: Path) -> tuple[ImageSource, ImageSource | None]:
+def find_sources(path: Path, option: str = "data path") -> tuple[ImageSource, ImageSource | None]:
     """The images at ``path``, and their own test set where the layout names one.
 
     A folder with train and test sets: an MNIST folder with ``train-*`` and ``t10k-*`` idx files, a
     CIFAR-10 folder (``data_batch_*`` and ``test_batch``), an npz folder with ``train*`` and
     ``val*``/``test*`` batches, or an image folder with ``train/`` and ``test/`` subfolders.
     """
-    if not path.exists():
-        raise FileNotFoundError(f"data path {str(path)!r} does not exist")
+    check_exists(path, option)
     name = path.name.lower()
     if path.is_file():
         if IDX_IMAGES.match(name):
