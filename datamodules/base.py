@@ -12,6 +12,7 @@ folder, the identity of source files in a cache key and the contiguous split of 
 """
 
 import contextlib
+import inspect
 import json
 import os
 import warnings
@@ -213,6 +214,23 @@ class ByteDataModule(L.LightningDataModule):
         """The sequence length the arguments ``init_args`` of ``__init__`` give, without building the
         DataModule. The CLI links it to the model's ``max_seq_len``."""
         return int(init_args["seq_len"])
+
+    FORMAT_OPTIONS: tuple[str, ...] = ()
+    """The ``__init__`` options that decide what the bytes mean (an image's size, channels and scan, audio's
+    encoding and rate): a checkpoint trained with other values reads other data (the CLI refuses it)."""
+
+    @classmethod
+    def data_format(cls, init_args: dict[str, Any]) -> dict[str, Any]:
+        """The ``FORMAT_OPTIONS`` of the arguments ``init_args`` of ``__init__`` (missing ones take its
+        defaults), as plain values to compare."""
+        args = {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items()} | init_args
+        return {k: list(args[k]) if isinstance(args[k], tuple) else args[k] for k in cls.FORMAT_OPTIONS}
+
+    @classmethod
+    def shorter_seq_len(cls, init_args: dict[str, Any], max_seq_len: int) -> str:
+        """The option (as a command-line argument) that makes sequences of the arguments ``init_args`` fit a
+        model of ``max_seq_len``: here ``--data.seq_len``."""
+        return f"--data.seq_len {max_seq_len}"
 
     def decode(self, data: Bytes) -> Any:
         """Any byte sequence -> the medium (never raises on byte content)."""

@@ -105,6 +105,8 @@ class AudioDataModule(ByteDataModule):
         self.files: dict[str, dict[str, int]] = {}
         """After ``setup``: split -> {file name: bytes it adds to the split}, in the split's order."""
 
+    FORMAT_OPTIONS = ("encoding", "sample_rate")
+
     # -- audio files -> cached uint8 files ----------------------------------------------------
 
     def cache_folder(self, files: list[Path]) -> Path:

@@ -5,6 +5,7 @@ import hashlib
 import inspect
 import json
 import logging
+import math
 import re
 import warnings
 from pathlib import Path
@@ -128,6 +129,26 @@ class ImageDataModule(ByteDataModule):
         args = {**defaults, **init_args}
         height, width = image_hw(args["image_size"])
         return height * width * int(args["channels"])
+
+    FORMAT_OPTIONS = ("image_size", "channels", "scan", "scan_patch")
+
+    @classmethod
+    def data_format(cls, init_args: dict[str, Any]) -> dict[str, Any]:
+        """The image's [height, width], channels and scan (scan_patch None in the raster scan, which has none)."""
+        options = super().data_format(init_args)
+        options["image_size"] = list(image_hw(options["image_size"]))
+        if options["scan"] == "raster":
+            options["scan_patch"] = None
+        return options
+
+    @classmethod
+    def shorter_seq_len(cls, init_args: dict[str, Any], max_seq_len: int) -> str:
+        """The largest square ``--data.image_size`` whose images fit ``max_seq_len`` bytes (a multiple of
+        scan_patch in the patch scan)."""
+        args = {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items()} | init_args
+        step = int(args["scan_patch"]) if args["scan"] == "patch" else 1
+        side = math.isqrt(max_seq_len // int(args["channels"])) // step * step
+        return f"--data.image_size {side}" if side else f"--data.channels 1 --data.image_size {math.isqrt(max_seq_len)}"
 
     # -- sources -> cached uint8 (N, seq_len) files --------------------------------------------------
 
