@@ -247,6 +247,8 @@ class MegaByteCLI(LightningCLI):
     """The ``max_seq_len`` of the model in ``--ckpt_path``, set while parsing."""
     checkpoint: tuple[str, dict[str, Any]] | None = None
     """(``--ckpt_path``, the checkpoint's plain data), set while parsing; None without one."""
+    too_long: str | None = None
+    """Why the data's sequences do not fit the checkpoint's model, set while parsing; None when they do."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data", "model.arch.init_args.max_seq_len", compute_fn=self.model_max_seq_len)
@@ -282,11 +284,13 @@ class MegaByteCLI(LightningCLI):
         seq_len = data_seq_len(data)
         if self.checkpoint_max_seq_len is None:
             return seq_len
+        self.too_long = None
         if seq_len > self.checkpoint_max_seq_len:
             init_args = data.init_args.as_dict() if isinstance(data.init_args, Namespace) else dict(data.init_args)
             shorter = datamodule_class(data.class_path).shorter_seq_len(init_args, self.checkpoint_max_seq_len)
             what = f"data.seq_len {seq_len}" if "seq_len" in init_args else f"the data's {seq_len}-byte sequences"
-            raise ValueError(
+            # refused in before_instantiate_classes, after a checkpoint of another medium, which is the cause
+            self.too_long = (
                 f"{what} is longer than the checkpoint's model reads (max_seq_len "
                 f"{self.checkpoint_max_seq_len}): give {shorter} or less"
             )
@@ -374,6 +378,8 @@ class MegaByteCLI(LightningCLI):
             mismatch = data_mismatch(*self.checkpoint, config.get("data"))
             if mismatch:
                 self._parser(self.subcommand).error(mismatch)
+        if self.too_long:
+            self._parser(self.subcommand).error(self.too_long)
 
     def instantiate_classes(self) -> None:
         try:

@@ -116,6 +116,22 @@ def check_exists(path: Path, option: str = "data path") -> None:
     raise FileNotFoundError(f"{option} {str(path)!r} does not exist")
 
 
+COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ")  # gzip, bzip2, xz: a cut there fails to decompress
+
+
+def check_tar_end(archive: Path, offset: int) -> None:
+    """Raise a ValueError naming ``archive``, an uncompressed tar archive, if it is cut short: its last
+    member (ending at byte ``offset``) is not followed by the end-of-archive marker, two zero blocks.
+    Python's ``tarfile`` ends without an error at a cut between two members or inside a header."""
+    with open(archive, "rb") as f:
+        if f.read(6).startswith(COMPRESSED_MAGIC):
+            return
+        f.seek(offset)
+        tail = f.read(1024)
+    if len(tail) < 1024 or tail.strip(b"\0"):
+        raise ValueError(f"cannot read the archive {str(archive)!r} (cut short after byte {offset}): replace it with a whole one")
+
+
 def split_bounds(n_bytes: int, split: tuple[float, float, float]) -> list[int]:
     """Byte offsets [0, a, b, n] of a contiguous train / val / test split.
 

@@ -14,7 +14,7 @@ import soundfile
 import torch
 import torchaudio.functional as AF
 
-from datamodules.base import check_exists, listed_files
+from datamodules.base import check_exists, check_tar_end, listed_files
 
 
 def wav_missing_bytes(raw: bytes) -> int:
@@ -83,6 +83,8 @@ def file_names(path: Path, files: list[Path]) -> list[str]:
     with reading_archive(path):
         with tarfile.open(path) as tar:
             names = [member.name for member in tar.getmembers() if member.isfile()]
+            offset = tar.offset
+    check_tar_end(path, offset)
     if not names:
         raise ValueError(f"archive {str(path)!r} contains no files")
     return names

@@ -9,6 +9,7 @@ import pickle
 import re
 import struct
 import tarfile
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -18,7 +19,7 @@ from typing import Literal
 import numpy as np
 from PIL import Image, ImageOps
 
-from datamodules.base import check_exists, listed_files
+from datamodules.base import check_exists, check_tar_end, listed_files
 
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 IDX_IMAGES = re.compile(r".*idx3-ubyte(\.gz)?$")
@@ -165,9 +166,14 @@ def tar_items(archive: Path) -> Iterator[tuple[str, Callable[[], Image.Image]]]:
         with tarfile.open(archive, "r|*") as tar:  # a stream: gzip is read once, front to back
             for member in tar:
                 if member.isfile() and not any(p.startswith(".") for p in Path(member.name).parts):
-                    yield f"{archive}:{member.name}", partial(open_image, tar.extractfile(member).read())
-    except (tarfile.TarError, OSError, EOFError) as error:
-        raise ValueError(f"cannot read the archive {str(archive)!r}: {error}") from error
+                    data = tar.extractfile(member).read()
+                    if len(data) != member.size:
+                        raise EOFError(f"cut short in {member.name}, {len(data)} of its {member.size} bytes")
+                    yield f"{archive}:{member.name}", partial(open_image, data)
+            offset = tar.offset
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as error:
+        raise ValueError(f"cannot read the archive {str(archive)!r} ({error}): replace it with a whole one") from None
+    check_tar_end(archive, offset)
 
 
 def source_items(source: ImageSource) -> Iterator[tuple[str, Callable[[], Image.Image | np.ndarray]]]:
