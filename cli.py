@@ -11,6 +11,9 @@ its options are those of ``sampling.generate``, which does the sampling.
 
 import importlib
 import inspect
+import json
+import os
+import re
 import sys
 import sysconfig
 import typing
@@ -73,9 +76,7 @@ def data_seq_len(data: Namespace) -> int:
     """The sequence length of the chosen DataModule (``data.init_args.seq_len`` for text and audio;
     height x width x channels for images), linked to the model's ``max_seq_len``."""
     init_args = data.init_args.as_dict() if isinstance(data.init_args, Namespace) else dict(data.init_args)
-    module, _, name = data.class_path.rpartition(".")
-    datamodule_class = getattr(importlib.import_module(module), name)
-    return datamodule_class.seq_len_from_args(init_args)
+    return datamodule_class(data.class_path).seq_len_from_args(init_args)
 
 
 def processes_per_machine(devices: Any) -> int | None:
@@ -123,6 +124,109 @@ def ckpt_path_argument(argv: list[str]) -> str | None:
     return ckpt_path
 
 
+# -- what a checkpoint was trained on, and where a run writes ----------------------------------------
+
+
+def datamodule_class(class_path: str) -> type:
+    module, _, name = class_path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def cli_value(value: Any) -> str:
+    """``value`` as it is typed after an option: a square [n, n] as n, other lists without spaces."""
+    if isinstance(value, (list, tuple)):
+        return str(value[0]) if len(set(value)) == 1 else json.dumps(list(value), separators=(",", ":"))
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def data_mismatch(ckpt_path: str, ckpt: dict[str, Any], data: Namespace) -> str | None:
+    """Why the data configured (``data``: class_path and init_args) is not what the checkpoint's model was
+    trained on: another medium (DataModule class), or bytes that mean something else (the DataModule's
+    ``FORMAT_OPTIONS``: an image's size, channels and scan, audio's encoding and rate); None when it is."""
+    saved = {k: v for k, v in (ckpt.get("datamodule_hyper_parameters") or {}).items() if k != "_instantiator"}
+    saved_class = saved.pop("_class_path", None)
+    if saved_class is None or data is None:  # a checkpoint saved without its DataModule: nothing to compare
+        return None
+    override = "or --allow_data_mismatch true to use it anyway"
+    if data.class_path != saved_class:
+        cls, this = datamodule_class(saved_class), datamodule_class(data.class_path)
+        return (
+            f"--ckpt_path {ckpt_path} holds a model trained on {cls.media} data ({saved_class}), not on this run's "
+            f"{this.media} data ({data.class_path}): leave the data out (the checkpoint's is the default) or give "
+            f"data of its medium, {override}"
+        )
+    cls = datamodule_class(data.class_path)
+    init_args = data.init_args.as_dict() if isinstance(data.init_args, Namespace) else dict(data.init_args or {})
+    trained, configured = cls.data_format(saved), cls.data_format(init_args)
+    for option in cls.FORMAT_OPTIONS:
+        if json.dumps(trained[option]) != json.dumps(configured[option]):
+            return (
+                f"--ckpt_path {ckpt_path} holds a model trained on data with {option} {cli_value(trained[option])}, "
+                f"this run's has {option} {cli_value(configured[option])}: give --data.{option} "
+                f"{cli_value(trained[option])}, {override}"
+            )
+    return None
+
+
+def checkpoint_folder(trainer: Trainer) -> Path | None:
+    """Where the Trainer's ModelCheckpoint writes: its ``dirpath``, else ``checkpoints/`` in the run folder
+    of the first logger (as Lightning resolves it), else in ``default_root_dir``; None without one."""
+    callback = trainer.checkpoint_callback
+    if callback is None:
+        return None
+    if callback.dirpath is not None:
+        return Path(callback.dirpath)
+    if not trainer.loggers:
+        return Path(trainer.default_root_dir) / "checkpoints"
+    logger = trainer.loggers[0]
+    version = logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
+    return Path(logger.save_dir or trainer.default_root_dir) / str(logger.name) / version / "checkpoints"
+
+
+def next_free_version(folder: Path) -> int:
+    """One more than the largest ``version_<n>`` in ``folder`` (0 in a folder without any)."""
+    numbers = [int(m[1]) for p in folder.glob("version_*") if (m := re.fullmatch(r"version_(\d+)", p.name))]
+    return max(numbers, default=-1) + 1
+
+
+def overwrite_refusal(trainer: Trainer, ckpt_path: str | None) -> str | None:
+    """Why ``fit`` must not start: its checkpoint folder already holds checkpoints and it does not resume
+    from one of them (``--ckpt_path last``, or a file in that folder). None when it may start."""
+    folder = checkpoint_folder(trainer)
+    if folder is None or trainer.fast_dev_run or not folder.is_dir():
+        return None
+    existing = sorted(p.name for p in folder.glob("*.ckpt"))
+    if not existing:
+        return None
+    if ckpt_path == "last" or (ckpt_path and Path(ckpt_path).resolve().parent == folder.resolve()):
+        return None
+    if trainer.checkpoint_callback.dirpath is not None:
+        new_run = "another --checkpoint.dirpath"
+    elif trainer.loggers and not isinstance(trainer.loggers[0].version, str):
+        new_run = f"--trainer.logger.init_args.version {next_free_version(folder.parent.parent)} (the next free one)"
+    else:
+        new_run = "another --trainer.logger.init_args.version"
+    shown = ", ".join(existing[:3]) + (", ..." if len(existing) > 3 else "")
+    return (
+        f"{folder} already holds the checkpoints of a run ({shown}): resume it with --ckpt_path last, or start a "
+        f"new run with {new_run}"
+    )
+
+
+NON_FINITE_FLOAT = re.compile(r"Parser key \"([\w.]+)\":\s*Expected a <class 'float'>\. Got value: ([+-]?(nan|inf|infinity))\s*$", re.I)
+
+
+class MegaByteArgumentParser(LightningArgumentParser):
+    """Lightning's parser, with one error said plainly: jsonargparse reads ``nan`` and ``inf`` as strings, so
+    ``--model.lr nan`` was "Expected a <class 'float'>. Got value: nan"."""
+
+    def error(self, message: str, ex: Exception | None = None) -> typing.NoReturn:
+        if match := NON_FINITE_FLOAT.search(message):
+            positive = " greater than 0" if match[1].rpartition(".")[2] == "lr" else ""
+            message = f"--{match[1]} {match[2]}: must be a finite number{positive}"
+        super().error(message, ex)
+
+
 def int_before_float(function: Callable) -> None:
     """Put ``int`` before ``float`` in every ``Union`` of ``function``'s annotations that has both.
 
@@ -142,6 +246,10 @@ def int_before_float(function: Callable) -> None:
 class MegaByteCLI(LightningCLI):
     checkpoint_max_seq_len: int | None = None
     """The ``max_seq_len`` of the model in ``--ckpt_path``, set while parsing."""
+    checkpoint: tuple[str, dict[str, Any]] | None = None
+    """(``--ckpt_path``, the checkpoint's plain data), set while parsing; None without one."""
+    too_long: str | None = None
+    """Why the data's sequences do not fit the checkpoint's model, set while parsing; None when they do."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data", "model.arch.init_args.max_seq_len", compute_fn=self.model_max_seq_len)
@@ -163,6 +271,11 @@ class MegaByteCLI(LightningCLI):
         parser.add_lightning_class_args(ThroughputCallback, "throughput")
         parser.add_lightning_class_args(FaultTolerance, "fault_tolerance")
         parser.add_lightning_class_args(BitsWriter, "predictions")
+        parser.add_argument(
+            "--allow_data_mismatch", type=bool, default=False,
+            help="Use the --ckpt_path checkpoint on data of another medium or format than it was trained on (an "
+            "image's size, channels or scan, audio's encoding or rate), which is otherwise refused.",
+        )  # fmt: skip
 
     def model_max_seq_len(self, data: Namespace | None) -> int:
         """The model's ``max_seq_len``: the data's sequence length, or with ``--ckpt_path`` the
@@ -172,10 +285,15 @@ class MegaByteCLI(LightningCLI):
         seq_len = data_seq_len(data)
         if self.checkpoint_max_seq_len is None:
             return seq_len
+        self.too_long = None
         if seq_len > self.checkpoint_max_seq_len:
-            raise ValueError(
-                f"data.seq_len {seq_len} is longer than the checkpoint's model reads (max_seq_len "
-                f"{self.checkpoint_max_seq_len}): give --data.seq_len {self.checkpoint_max_seq_len} or less"
+            init_args = data.init_args.as_dict() if isinstance(data.init_args, Namespace) else dict(data.init_args)
+            shorter = datamodule_class(data.class_path).shorter_seq_len(init_args, self.checkpoint_max_seq_len)
+            what = f"data.seq_len {seq_len}" if "seq_len" in init_args else f"the data's {seq_len}-byte sequences"
+            # refused in before_instantiate_classes, after a checkpoint of another medium, which is the cause
+            self.too_long = (
+                f"{what} is longer than the checkpoint's model reads (max_seq_len "
+                f"{self.checkpoint_max_seq_len}): give {shorter} or less"
             )
         return self.checkpoint_max_seq_len
 
@@ -184,6 +302,7 @@ class MegaByteCLI(LightningCLI):
         return {**LightningCLI.subcommands(), "generate": {"trainer", "model", "datamodule"}}
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("parser_class", MegaByteArgumentParser)
         argv = sys.argv[1:] if kwargs.get("args") is None else kwargs["args"]
         self._argv = argv if isinstance(argv, list) else []  # [] for arguments given as a dict or Namespace
         self._first_subcommand = self._argv[0] if self._argv and self._argv[0] in self.subcommands() else None
@@ -222,6 +341,8 @@ class MegaByteCLI(LightningCLI):
         return parser
 
     def _run_subcommand(self, subcommand: str) -> None:
+        if subcommand in ("fit", "validate", "test", "predict"):
+            self.prepare_data_first(subcommand)
         if subcommand == "generate":  # not a Trainer method
             self.generate(**self._prepare_subcommand_kwargs(subcommand))
         else:
@@ -240,9 +361,28 @@ class MegaByteCLI(LightningCLI):
             self._parser("generate").error(str(error), ex=error)
         return sampling.generate(self.trainer, **options)
 
+    def prepare_data_first(self, stage: str) -> None:
+        """Prepare the data and set it up for ``stage`` before the Trainer runs, so that anything wrong with a
+        data path, file, folder or archive is the parser's error (one line, exit 2) before a run folder is
+        made. The first process of each machine does it (``LOCAL_RANK`` 0, who runs Lightning's
+        ``prepare_data``); the others wait for it inside the Trainer, where both are then no-ops."""
+        if self.datamodule is None or int(os.environ.get("LOCAL_RANK", 0)) != 0:
+            return
+        try:
+            self.datamodule.prepare_data()
+            self.datamodule.setup(stage)
+        except (ValueError, OSError, EOFError, RuntimeError) as error:  # bad data, a failed download
+            self._parser(stage).error(str(error), ex=error)
+
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         fill_data_parallel_size(config["trainer"])
+        if self.checkpoint is not None and not config.get("allow_data_mismatch"):
+            mismatch = data_mismatch(*self.checkpoint, config.get("data"))
+            if mismatch:
+                self._parser(self.subcommand).error(mismatch)
+        if self.too_long:
+            self._parser(self.subcommand).error(self.too_long)
 
     def instantiate_classes(self) -> None:
         try:
@@ -255,6 +395,10 @@ class MegaByteCLI(LightningCLI):
             while isinstance(cause.__cause__, (ValueError, MisconfigurationException)):
                 cause = cause.__cause__
             self._parser(self.subcommand).error(str(cause), ex=cause)
+        if self.subcommand == "fit":  # a new run never writes over the checkpoints of another
+            refusal = overwrite_refusal(self.trainer, self.config["fit"].get("ckpt_path"))
+            if refusal:
+                self._parser("fit").error(refusal)
         # A warning, not an error: misaligned patches train (the paper's raster-scan images do), only worse.
         arch, datamodule = self.model.config, self.datamodule
         if isinstance(arch, MegaByteConfig) and isinstance(datamodule, ByteDataModule):
@@ -285,6 +429,7 @@ class MegaByteCLI(LightningCLI):
                 except ValueError as error:
                     subcommand_parser.error(str(error))
                 subcommand_parser.set_defaults(checkpoint_defaults(ckpt))
+                self.checkpoint = (ckpt_path, ckpt)
                 self.checkpoint_max_seq_len = ckpt["hyper_parameters"]["arch"]["init_args"]["max_seq_len"]
         super().parse_arguments(parser, args)
 

@@ -1,4 +1,5 @@
-"""The CLI's checkpoints: Lightning's ModelCheckpoint, with ``last.ckpt`` always the latest state."""
+"""The CLI's checkpoints: Lightning's ModelCheckpoint, with ``last.ckpt`` always the latest state, and the
+only one of its name in its folder."""
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint as LightningModelCheckpoint
@@ -30,6 +31,17 @@ class ModelCheckpoint(LightningModelCheckpoint):
         # Steps after the last validation (max_steps not a multiple of val_check_interval, max_time):
         # without this, last.ckpt would miss them.
         self._save_last_if_missed(trainer, due=not trainer.fast_dev_run)
+
+    def _save_last_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict) -> None:
+        # One last.ckpt a folder: a run writes into a folder that holds checkpoints only when it resumes from
+        # one of them (cli.py refuses the others), and then its last.ckpt is the one to replace. Lightning's
+        # version counter would write last-v1.ckpt beside it, and --ckpt_path last or .../last.ckpt would
+        # then read a stale model.
+        if self.save_last is True:
+            plain = self.format_checkpoint_name(monitor_candidates, self.CHECKPOINT_NAME_LAST)
+            if self.file_exists(plain, trainer):
+                self.last_model_path = plain
+        super()._save_last_checkpoint(trainer, monitor_candidates)
 
     def _save_last_if_missed(self, trainer: L.Trainer, due: bool) -> None:
         # save_last="link" keeps Lightning's meaning: a link to the latest top-k checkpoint.

@@ -11,11 +11,15 @@ It also holds what the modalities share: the checks of the options every DataMod
 folder, the identity of source files in a cache key and the contiguous split of a byte count.
 """
 
+import contextlib
+import inspect
+import json
 import os
-from collections.abc import Iterable
+import warnings
+from collections.abc import Iterable, Iterator
 from fractions import Fraction
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import lightning as L
 import numpy as np
@@ -52,6 +56,82 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "megabyte"
 
 
+@contextlib.contextmanager
+def writing_cache(folder: Path, names: tuple[str, ...]) -> Iterator[dict[str, BinaryIO]]:
+    """Open ``folder/<name>.part`` for writing for each of ``names``; when the block ends without an
+    error, rename each to ``folder/<name>``. On any error (a bad file, a full disk, Ctrl-C) the ``.part``
+    files are removed, and so are ``folder`` and its parents where this call made them and they are left
+    empty: a failed write leaves nothing in the cache. (``meta.json``, which says a cache is complete, is
+    the caller's to write after the block: ``write_meta``.)"""
+    made = [p for p in (folder, *folder.parents) if not p.exists()]
+    folder.mkdir(parents=True, exist_ok=True)
+    partials = {name: folder / f"{name}.part" for name in names}
+    try:
+        with contextlib.ExitStack() as stack:
+            yield {name: stack.enter_context(open(partial, "wb")) for name, partial in partials.items()}
+        for name, partial in partials.items():
+            partial.rename(folder / name)
+    except BaseException:
+        for partial in partials.values():
+            partial.unlink(missing_ok=True)
+        for made_folder in made:  # innermost first
+            try:
+                made_folder.rmdir()
+            except OSError:  # not empty: something else is in it
+                break
+        raise
+
+
+def write_meta(folder: Path, meta: dict[str, Any]) -> None:
+    """Write ``folder/meta.json`` (through a ``.part`` file and a rename): the mark of a complete cache."""
+    partial = folder / "meta.json.part"
+    partial.write_text(json.dumps(meta, indent=1))
+    partial.rename(folder / "meta.json")
+
+
+def listed_files(folder: Path, visible: bool = False) -> list[Path]:
+    """Every file under ``folder``, sorted by path (with ``visible``, outside hidden files and folders).
+    A broken symbolic link is skipped with a warning naming it and where it points."""
+    files, broken = [], []
+    for f in folder.rglob("*"):
+        if visible and any(p.startswith(".") for p in f.relative_to(folder).parts):
+            continue
+        if f.is_file():
+            files.append(f)
+        elif f.is_symlink() and not f.exists():
+            broken.append(f)
+    for link in sorted(broken):
+        message = f"skipping {str(link)!r} in data folder {str(folder)!r}: a broken link to {os.readlink(link)!r}"
+        warnings.warn(message, stacklevel=3)
+    return sorted(files)
+
+
+def check_exists(path: Path, option: str = "data path") -> None:
+    """Raise a FileNotFoundError naming ``option`` and ``path`` unless it exists (saying so for a broken link)."""
+    if path.exists():
+        return
+    if path.is_symlink():
+        target = os.readlink(path)
+        raise FileNotFoundError(f"{option} {str(path)!r} is a broken link to {target!r}: point it at a file or folder that exists")
+    raise FileNotFoundError(f"{option} {str(path)!r} does not exist")
+
+
+COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ")  # gzip, bzip2, xz: a cut there fails to decompress
+
+
+def check_tar_end(archive: Path, offset: int) -> None:
+    """Raise a ValueError naming ``archive``, an uncompressed tar archive, if it is cut short: its last
+    member (ending at byte ``offset``) is not followed by the end-of-archive marker, two zero blocks.
+    Python's ``tarfile`` ends without an error at a cut between two members or inside a header."""
+    with open(archive, "rb") as f:
+        if f.read(6).startswith(COMPRESSED_MAGIC):
+            return
+        f.seek(offset)
+        tail = f.read(1024)
+    if len(tail) < 1024 or tail.strip(b"\0"):
+        raise ValueError(f"cannot read the archive {str(archive)!r} (cut short after byte {offset}): replace it with a whole one")
+
+
 def split_bounds(n_bytes: int, split: tuple[float, float, float]) -> list[int]:
     """Byte offsets [0, a, b, n] of a contiguous train / val / test split.
 
@@ -83,22 +163,44 @@ def check_choice(option: str, value: str, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{option} must be {' or '.join(repr(c) for c in choices)}, got {value!r}")
 
 
-def check_split(split: tuple[float, float, float], may_be_zero: tuple[str, ...] = ()) -> None:
+EVALUATION_ONLY = ((0.0, 0.0, 1.0), (0.0, 1.0, 0.0))
+"""Splits of a data source that is only evaluated: all of it is the test split (``test``, ``predict``)
+or the val split (``validate``)."""
+
+STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
+"""The splits each Lightning stage reads (``setup(stage)``); any other stage (None) reads all three."""
+
+
+def check_split(
+    split: tuple[float, float, float], may_be_zero: tuple[str, ...] = (), evaluation_only: bool = True
+) -> None:
     """Raise a ValueError unless ``split`` is three fractions (train, val, test) summing to 1, each
-    positive but those named in ``may_be_zero``, which may be 0."""
+    positive but those named in ``may_be_zero``, which may be 0; with ``evaluation_only``, [0, 0, 1]
+    and [0, 1, 0] are allowed too (``EVALUATION_ONLY``: ``setup`` refuses them for ``fit``)."""
     valid = (
         len(split) == 3
         and all(f >= 0 if name in may_be_zero else f > 0 for name, f in zip(SPLITS, split))
         and abs(sum(split) - 1.0) <= 1e-9
     )
-    if valid:
+    if valid or (evaluation_only and tuple(float(f) for f in split) in EVALUATION_ONLY):
         return
     if may_be_zero:
         positive = " and ".join(name for name in SPLITS if name not in may_be_zero)
         rule = f"three fractions (train, val, test) summing to 1 with {positive} positive"
     else:
         rule = "three positive fractions summing to 1 (train, val, test)"
-    raise ValueError(f"split must be {rule}, e.g. [0.9, 0.05, 0.05]; got {split}")
+    also = "; or [0, 0, 1] to test or predict on all of the data, [0, 1, 0] to validate on all of it" if evaluation_only else ""
+    raise ValueError(f"split must be {rule}, e.g. [0.9, 0.05, 0.05]{also}; got {split}")
+
+
+def check_stage_split(split: tuple[float, float, float], stage: str | None) -> None:
+    """Raise a ValueError for ``fit`` (or any stage but validate, test and predict) on an evaluation-only
+    split, which has no training data."""
+    if split[0] == 0 and stage not in ("validate", "test", "predict"):
+        raise ValueError(
+            f"split {list(split)} is for evaluation only (no train split): fit needs positive train and val "
+            f"fractions, e.g. --data.split [0.9, 0.05, 0.05]"
+        )
 
 
 class ByteDataModule(L.LightningDataModule):
@@ -128,6 +230,23 @@ class ByteDataModule(L.LightningDataModule):
         """The sequence length the arguments ``init_args`` of ``__init__`` give, without building the
         DataModule. The CLI links it to the model's ``max_seq_len``."""
         return int(init_args["seq_len"])
+
+    FORMAT_OPTIONS: tuple[str, ...] = ()
+    """The ``__init__`` options that decide what the bytes mean (an image's size, channels and scan, audio's
+    encoding and rate): a checkpoint trained with other values reads other data (the CLI refuses it)."""
+
+    @classmethod
+    def data_format(cls, init_args: dict[str, Any]) -> dict[str, Any]:
+        """The ``FORMAT_OPTIONS`` of the arguments ``init_args`` of ``__init__`` (missing ones take its
+        defaults), as plain values to compare."""
+        args = {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items()} | init_args
+        return {k: list(args[k]) if isinstance(args[k], tuple) else args[k] for k in cls.FORMAT_OPTIONS}
+
+    @classmethod
+    def shorter_seq_len(cls, init_args: dict[str, Any], max_seq_len: int) -> str:
+        """The option (as a command-line argument) that makes sequences of the arguments ``init_args`` fit a
+        model of ``max_seq_len``: here ``--data.seq_len``."""
+        return f"--data.seq_len {max_seq_len}"
 
     def decode(self, data: Bytes) -> Any:
         """Any byte sequence -> the medium (never raises on byte content)."""

@@ -9,15 +9,14 @@ The corpus is split contiguously by bytes (90 / 5 / 5 by default), written once 
 file in a cache folder and memory-mapped, so a corpus larger than RAM works.
 """
 
-import contextlib
 import gzip
 import hashlib
-import json
 import logging
 import shutil
 import sysconfig
 import urllib.request
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -25,13 +24,19 @@ from torch.utils.data import DataLoader, Dataset
 
 from datamodules.base import (
     SPLITS,
+    STAGE_SPLITS,
     ByteDataModule,
     Bytes,
     as_uint8,
+    check_exists,
     check_positive,
     check_split,
+    check_stage_split,
     hash_files,
+    listed_files,
     split_bounds,
+    write_meta,
+    writing_cache,
 )
 from datamodules.windows import EvalWindows, RandomWindows
 
@@ -54,23 +59,27 @@ def python_stdlib_files() -> list[Path]:
 
 
 def corpus_files(path: Path) -> list[Path]:
-    """A file is itself; a folder is every file under it, sorted by path."""
-    if not path.exists():
-        raise FileNotFoundError(f"data path {str(path)!r} does not exist")
+    """A file is itself; a folder is every file under it, sorted by path (broken links skipped, with a warning)."""
+    check_exists(path)
     if path.is_file():
         return [path]
-    files = sorted(f for f in path.rglob("*") if f.is_file())
+    files = listed_files(path)
     if not files:
         raise ValueError(f"data folder {str(path)!r} contains no files")
     return files
 
 
 def read_chunks(file: Path, chunk_size: int = 1 << 22):
-    """Yield the bytes of ``file`` in chunks, decompressing ``.gz`` files."""
+    """Yield the bytes of ``file`` in chunks, decompressing ``.gz`` files; a ``.gz`` that is not gzip or is
+    cut short raises a ValueError naming it."""
     opener = gzip.open if file.suffix == ".gz" else open
-    with opener(file, "rb") as f:
-        while chunk := f.read(chunk_size):
-            yield chunk
+    try:
+        with opener(file, "rb") as f:
+            while chunk := f.read(chunk_size):
+                yield chunk
+    except (gzip.BadGzipFile, EOFError, zlib.error) as error:
+        why = "cut short" if isinstance(error, EOFError) else f"not gzip data: {error}"
+        raise ValueError(f"data file {str(file)!r} is not a complete .gz file ({why}): replace it with a whole one") from None
 
 
 def download_enwik8(folder: Path) -> Path:
@@ -143,7 +152,9 @@ class TextDataModule(ByteDataModule):
                 named corpus: ``python-stdlib`` (offline, on every machine) or ``enwik8``.
             seq_len: Bytes per training window; the model's ``max_seq_len`` is linked to it.
             batch_size: Windows per batch.
-            split: Fractions of the corpus for train / val / test, contiguous, in that order.
+            split: Fractions of the corpus for train / val / test, contiguous, in that order. [0, 0, 1]
+                makes all of it the test split (``test`` and ``predict`` score every byte), [0, 1, 0] the
+                val split (``validate``); ``fit`` refuses them.
             seed: Seed of the random training windows.
             num_workers: DataLoader worker processes.
             cache_dir: Where split corpora (and downloads) are kept; default ``$MEGABYTE_CACHE``
@@ -185,40 +196,43 @@ class TextDataModule(ByteDataModule):
         folder = self.cache_folder(files)
         if (folder / "meta.json").is_file():
             return
-        folder.mkdir(parents=True, exist_ok=True)
-        partial = folder / "bytes.bin.part"
         n_bytes = 0
-        with open(partial, "wb") as out:
+        with writing_cache(folder, ("bytes.bin",)) as out:  # nothing is left in the cache if this fails
             for file in files:
                 for chunk in read_chunks(file):
-                    out.write(chunk)
+                    out["bytes.bin"].write(chunk)
                     n_bytes += len(chunk)
-        if n_bytes == 0:
-            partial.unlink()
-            with contextlib.suppress(OSError):  # nothing of an empty corpus is left in the cache
-                folder.rmdir()
-            raise ValueError(f"data path {self.path!r} holds no bytes (empty file or files)")
-        partial.rename(folder / "bytes.bin")
-        (folder / "meta.json").write_text(json.dumps({"path": self.path, "n_bytes": n_bytes}))
+            if n_bytes == 0:
+                raise ValueError(f"data path {self.path!r} holds no bytes (empty file or files)")
+        write_meta(folder, {"path": self.path, "n_bytes": n_bytes})
         log.info("cached %s (%d bytes) in %s", self.path, n_bytes, folder)
 
     def setup(self, stage: str | None = None) -> None:
-        """Memory-map the cached corpus and cut it into the train / val / test splits."""
-        if self.splits:
-            return
-        folder = self.cache_folder(self.source_files())
-        if not (folder / "meta.json").is_file():
-            self.prepare_data()  # e.g. when the datamodule is used outside the Trainer
-        data = np.memmap(folder / "bytes.bin", dtype=np.uint8, mode="r")
-        bounds = split_bounds(len(data), self.split)
-        for name, start, end in zip(SPLITS, bounds[:-1], bounds[1:]):
-            if end - start < self.seq_len:
+        """Memory-map the cached corpus and cut it into the train / val / test splits. Those ``stage``
+        reads must hold a window (``fit``) or a byte (``validate``, ``test``, ``predict``)."""
+        check_stage_split(self.split, stage)
+        if not self.splits:
+            folder = self.cache_folder(self.source_files())
+            if not (folder / "meta.json").is_file():
+                self.prepare_data()  # e.g. when the datamodule is used outside the Trainer
+            data = np.memmap(folder / "bytes.bin", dtype=np.uint8, mode="r")
+            bounds = split_bounds(len(data), self.split)
+            self.splits = {name: data[start:end] for name, start, end in zip(SPLITS, bounds[:-1], bounds[1:])}
+        evaluating = stage in ("validate", "test", "predict")
+        for name in STAGE_SPLITS.get(stage, SPLITS):
+            n_bytes = len(self.splits[name])
+            if evaluating and n_bytes == 0:
+                n_all = sum(len(split) for split in self.splits.values())
                 raise ValueError(
-                    f"the {name} split of {self.path!r} has {end - start} bytes, fewer than one window "
+                    f"the {name} split of {self.path!r} is empty ({n_all} bytes in all): give a larger {name} "
+                    f"fraction in split, e.g. --data.split {'[0, 1, 0]' if name == 'val' else '[0, 0, 1]'} for all of it"
+                )
+            if not evaluating and n_bytes < self.seq_len:
+                raise ValueError(
+                    f"the {name} split of {self.path!r} has {n_bytes} bytes, fewer than one window "
                     f"of seq_len {self.seq_len}: use a larger corpus, a larger split fraction or a "
                     f"smaller seq_len"
                 )
-            self.splits[name] = data[start:end]
 
     # -- dataloaders --------------------------------------------------------------------------
 

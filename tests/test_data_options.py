@@ -51,11 +51,15 @@ def test_the_default_cache_dir_is_megabyte_cache_then_xdg_then_home(cls, kwargs,
     assert cls(**kwargs).cache_dir == tmp_path / "home" / ".cache" / "megabyte"
 
 
+EVALUATION_ONLY = [(0.0, 0.0, 1.0), (0.0, 1.0, 0.0)]  # all of the data is the test split, or the val split
+OR_EVALUATION_ONLY = "; or [0, 0, 1] to test or predict on all of the data, [0, 1, 0] to validate on all of it"
+
+
 @pytest.mark.parametrize(
     "cls,kwargs,accepted,rule",
     [
-        (TextDataModule, {}, [], "three positive fractions summing to 1 (train, val, test)"),
-        (ImageDataModule, {}, [(0.9, 0.1, 0.0)],
+        (TextDataModule, {}, EVALUATION_ONLY, "three positive fractions summing to 1 (train, val, test)"),
+        (ImageDataModule, {}, [(0.9, 0.1, 0.0), *EVALUATION_ONLY],
          "three fractions (train, val, test) summing to 1 with train and val positive"),
         (AudioDataModule, {"path": "x"}, [(0.9, 0.1, 0.0), (0.9, 0.0, 0.1), (1.0, 0.0, 0.0)],
          "three fractions (train, val, test) summing to 1 with train positive"),
@@ -66,10 +70,12 @@ def test_each_datamodule_checks_split_by_its_rule_with_one_message(cls, kwargs, 
     cls(split=(0.8, 0.1, 0.1), **kwargs)
     for split in accepted:
         cls(split=split, **kwargs)
-    zero = [(0.9, 0.1, 0.0), (0.9, 0.0, 0.1), (1.0, 0.0, 0.0)]
+    also = OR_EVALUATION_ONLY if cls is not AudioDataModule else ""  # text and image: evaluation-only data sources
+    zero = [(0.9, 0.1, 0.0), (0.9, 0.0, 0.1), (1.0, 0.0, 0.0), *EVALUATION_ONLY]
     wrong = [(0.0, 0.5, 0.5), (0.5, 0.5, 0.5), (0.9, 0.2, -0.1), (0.5, 0.5), (0.25, 0.25, 0.25, 0.25)]
     for split in [s for s in zero if s not in accepted] + wrong:
-        assert error(lambda: cls(split=split, **kwargs)) == f"split must be {rule}, e.g. [0.9, 0.05, 0.05]; got {split}"
+        message = f"split must be {rule}, e.g. [0.9, 0.05, 0.05]{also}; got {split}"
+        assert error(lambda: cls(split=split, **kwargs)) == message
 
 
 @pytest.mark.parametrize("cls,kwargs", MODULES[1:], ids=IDS[1:])

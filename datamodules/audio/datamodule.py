@@ -1,7 +1,6 @@
 """``AudioDataModule``: encodes the files of each split once into a cached byte stream in
 ``prepare_data``, memory-maps it in ``setup``, and turns bytes back into waveforms and WAV files."""
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -18,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 from datamodules.audio.codec import BYTES_PER_SAMPLE, decode_bytes, encode_waveform, waveform_to_pcm16
 from datamodules.audio.sources import file_names, read_files, read_waveform, source_files
 from datamodules.audio.splits import assign_splits
-from datamodules.base import SPLITS, ByteDataModule, Bytes, check_choice, check_split, hash_files
+from datamodules.base import SPLITS, ByteDataModule, Bytes, check_choice, check_split, hash_files, write_meta, writing_cache
 from datamodules.windows import EvalWindows, RandomWindows
 
 log = logging.getLogger(__name__)
@@ -84,7 +83,7 @@ class AudioDataModule(ByteDataModule):
             )
         if sample_rate < 1:
             raise ValueError(f"sample_rate must be a positive number of Hz, got {sample_rate}")
-        check_split(split, may_be_zero=("val", "test"))
+        check_split(split, may_be_zero=("val", "test"), evaluation_only=False)
         for option, pattern in (("test_pattern", test_pattern), ("val_pattern", val_pattern)):
             if pattern is not None:
                 try:
@@ -105,6 +104,8 @@ class AudioDataModule(ByteDataModule):
         self.splits: dict[str, np.ndarray] = {}
         self.files: dict[str, dict[str, int]] = {}
         """After ``setup``: split -> {file name: bytes it adds to the split}, in the split's order."""
+
+    FORMAT_OPTIONS = ("encoding", "sample_rate")
 
     # -- audio files -> cached uint8 files ----------------------------------------------------
 
@@ -136,22 +137,18 @@ class AudioDataModule(ByteDataModule):
         names = file_names(source, files)
         assignment = assign_splits(names, self.split, self.seed, self.test_pattern, self.val_pattern)
         split_of = {n: s for s, split_names in assignment.items() for n in split_names}
-        folder.mkdir(parents=True, exist_ok=True)
-        partials = {s: folder / f"{s}.bin.part" for s in SPLITS}
         written: dict[str, dict[str, int]] = {s: {} for s in SPLITS}  # split -> {name: bytes}
         skipped: dict[str, str] = {}  # name -> why
-        try:
-            with contextlib.ExitStack() as stack:
-                outs = {s: stack.enter_context(open(partials[s], "wb")) for s in SPLITS}
-                for name, raw in read_files(source, files):
-                    try:
-                        encoded = encode_waveform(read_waveform(raw, self.sample_rate), self.encoding)
-                    except ValueError as error:
-                        self._bad_file(name, str(error))
-                        skipped[name] = str(error)
-                        continue
-                    outs[split_of[name]].write(encoded.tobytes())
-                    written[split_of[name]][name] = len(encoded)
+        with writing_cache(folder, tuple(f"{s}.bin" for s in SPLITS)) as outs:  # nothing is left if it fails
+            for name, raw in read_files(source, files):
+                try:
+                    encoded = encode_waveform(read_waveform(raw, self.sample_rate), self.encoding)
+                except ValueError as error:
+                    self._bad_file(name, str(error))
+                    skipped[name] = str(error)
+                    continue
+                outs[f"{split_of[name]}.bin"].write(encoded.tobytes())
+                written[split_of[name]][name] = len(encoded)
             if not any(written.values()):
                 raise ValueError(f"no readable audio in {self.path!r}: all {len(names)} files were skipped")
             for s in SPLITS:
@@ -160,11 +157,6 @@ class AudioDataModule(ByteDataModule):
                         f"the {s} split of {self.path!r} has no readable audio: none of its {len(assignment[s])} "
                         f"file(s) could be read"
                     )
-            for s in SPLITS:
-                partials[s].rename(folder / f"{s}.bin")
-        finally:
-            for partial in partials.values():
-                partial.unlink(missing_ok=True)
         meta = {
             "path": self.path,
             "sample_rate": self.sample_rate,
@@ -173,8 +165,7 @@ class AudioDataModule(ByteDataModule):
             "files": written,
             "skipped": skipped,
         }
-        (folder / "meta.json.part").write_text(json.dumps(meta, indent=1))
-        (folder / "meta.json.part").rename(folder / "meta.json")
+        write_meta(folder, meta)
         log.info("cached %s (%s bytes) in %s", self.path, meta["n_bytes"], folder)
 
     def setup(self, stage: str | None = None) -> None:

@@ -1,8 +1,11 @@
 """The audio files of a data path (a folder, or a tar archive read directly) and how one file's
 bytes become a mono waveform at the configured sample rate (libsndfile, then torchaudio's resampler)."""
 
+import contextlib
+import gzip
 import io
 import tarfile
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,6 +13,8 @@ import numpy as np
 import soundfile
 import torch
 import torchaudio.functional as AF
+
+from datamodules.base import check_exists, check_tar_end, listed_files
 
 
 def wav_missing_bytes(raw: bytes) -> int:
@@ -54,14 +59,15 @@ def read_waveform(raw: bytes, sample_rate: int) -> torch.Tensor:
 
 def source_files(path: Path) -> list[Path]:
     """A folder: every file under it, sorted by path; a tar archive (.tar, .tar.gz, ...): itself."""
-    if not path.exists():
-        raise FileNotFoundError(f"data path {str(path)!r} does not exist")
+    check_exists(path)
     if path.is_dir():
-        files = sorted(f for f in path.rglob("*") if f.is_file())
+        files = listed_files(path)
         if not files:
             raise ValueError(f"data folder {str(path)!r} contains no files")
         return files
-    if not tarfile.is_tarfile(path):
+    with reading_archive(path):
+        is_tar = tarfile.is_tarfile(path)
+    if not is_tar:
         raise ValueError(
             f"data path {str(path)!r} is a file but not a tar archive: give a folder of audio files "
             f"or a .tar / .tar.gz of them"
@@ -74,8 +80,11 @@ def file_names(path: Path, files: list[Path]) -> list[str]:
     names of the archive's regular files in archive order. Patterns are matched against them."""
     if path.is_dir():
         return [f.relative_to(path).as_posix() for f in files]
-    with tarfile.open(path) as tar:
-        names = [member.name for member in tar.getmembers() if member.isfile()]
+    with reading_archive(path):
+        with tarfile.open(path) as tar:
+            names = [member.name for member in tar.getmembers() if member.isfile()]
+            offset = tar.offset
+    check_tar_end(path, offset)
     if not names:
         raise ValueError(f"archive {str(path)!r} contains no files")
     return names
@@ -87,7 +96,16 @@ def read_files(path: Path, files: list[Path]) -> Iterator[tuple[str, bytes]]:
         for f in files:
             yield f.relative_to(path).as_posix(), f.read_bytes()
         return
-    with tarfile.open(path) as tar:
+    with reading_archive(path), tarfile.open(path) as tar:
         for member in tar:
             if member.isfile():
                 yield member.name, tar.extractfile(member).read()
+
+
+@contextlib.contextmanager
+def reading_archive(path: Path) -> Iterator[None]:
+    """Turn the errors of a damaged tar archive (cut short, corrupt) into a ValueError naming it."""
+    try:
+        yield
+    except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as error:
+        raise ValueError(f"cannot read the archive {str(path)!r} ({error or type(error).__name__}): replace it with a whole one") from None

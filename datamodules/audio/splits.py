@@ -34,8 +34,9 @@ def assign_splits(
             matches = [n for n in names if n not in claimed and re.search(pattern, n)]
             if not matches:
                 raise ValueError(
-                    f"{s}_pattern {pattern!r} matches none of the {len(names) - len(claimed)} file names "
-                    f"left to it (e.g. {names[0]!r})"
+                    f"{s}_pattern '{pattern}' matches none of the {len(names) - len(claimed)} file names "
+                    f"left to it (e.g. {names[0]!r}): give a {s}_pattern that matches some, or split by "
+                    f"fractions with --data.{s}_pattern null --data.split [0.9, 0.05, 0.05]"
                 )
             claimed.update((n, s) for n in matches)
 

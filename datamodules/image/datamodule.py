@@ -5,6 +5,7 @@ import hashlib
 import inspect
 import json
 import logging
+import math
 import re
 import warnings
 from pathlib import Path
@@ -15,7 +16,18 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.base import ByteDataModule, Bytes, check_choice, check_split, hash_files
+from datamodules.base import (
+    SPLITS,
+    STAGE_SPLITS,
+    ByteDataModule,
+    Bytes,
+    check_choice,
+    check_split,
+    check_stage_split,
+    hash_files,
+    write_meta,
+    writing_cache,
+)
 from datamodules.image.codec import bytes_to_image, check_scan, fit_pixels, image_hw, image_pixels, pixels_to_bytes
 from datamodules.image.downloads import NAMED_SOURCES, download_named, named_folder
 from datamodules.image.sources import ImageSource, find_sources, read_image_file, source_items
@@ -75,7 +87,8 @@ class ImageDataModule(ByteDataModule):
             resize: How an image of another size is fitted: ``resize`` (stretched) or ``crop`` (scaled to
                 cover image_size keeping its aspect ratio, then center-cropped).
             split: Fractions of ``path``'s images for train / val / test (train and val positive, summing
-                to 1). The test fraction goes to train when there is a separate test source.
+                to 1). The test fraction goes to train when there is a separate test source. [0, 0, 1] makes
+                every image the test split (for ``test`` and ``predict``), [0, 1, 0] the val split.
             shuffle_split: Split ``path`` at random (seeded by ``seed``); False cuts it in source order,
                 e.g. MNIST t10k's suggested first 9,000 / last 1,000 with split [0.9, 0.1, 0].
             batch_size: Images per batch.
@@ -117,6 +130,26 @@ class ImageDataModule(ByteDataModule):
         height, width = image_hw(args["image_size"])
         return height * width * int(args["channels"])
 
+    FORMAT_OPTIONS = ("image_size", "channels", "scan", "scan_patch")
+
+    @classmethod
+    def data_format(cls, init_args: dict[str, Any]) -> dict[str, Any]:
+        """The image's [height, width], channels and scan (scan_patch None in the raster scan, which has none)."""
+        options = super().data_format(init_args)
+        options["image_size"] = list(image_hw(options["image_size"]))
+        if options["scan"] == "raster":
+            options["scan_patch"] = None
+        return options
+
+    @classmethod
+    def shorter_seq_len(cls, init_args: dict[str, Any], max_seq_len: int) -> str:
+        """The largest square ``--data.image_size`` whose images fit ``max_seq_len`` bytes (a multiple of
+        scan_patch in the patch scan)."""
+        args = {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items()} | init_args
+        step = int(args["scan_patch"]) if args["scan"] == "patch" else 1
+        side = math.isqrt(max_seq_len // int(args["channels"])) // step * step
+        return f"--data.image_size {side}" if side else f"--data.channels 1 --data.image_size {math.isqrt(max_seq_len)}"
+
     # -- sources -> cached uint8 (N, seq_len) files --------------------------------------------------
 
     def sources(self) -> tuple[ImageSource, ImageSource | None]:
@@ -134,7 +167,7 @@ class ImageDataModule(ByteDataModule):
                     f"data path {self.path!r} has its own test set ({test.files[0]}, ...): leave test_path unset "
                     f"or point path at the training images alone"
                 )
-            test, own_test = find_sources(Path(self.test_path).expanduser())
+            test, own_test = find_sources(Path(self.test_path).expanduser(), "test_path")
             if own_test is not None:
                 raise ValueError(f"test_path {self.test_path!r} holds a train and a test set: point it at the test set")
         return train, test
@@ -159,40 +192,32 @@ class ImageDataModule(ByteDataModule):
                 self.write_cache(source, self.cache_folder(source))
 
     def write_cache(self, source: ImageSource, folder: Path) -> None:
-        """Decode every image of ``source`` into ``folder/images.bin``: uint8 (N, seq_len), scanned."""
-        folder.mkdir(parents=True, exist_ok=True)
-        partial_file = folder / "images.bin.part"
+        """Decode every image of ``source`` into ``folder/images.bin``: uint8 (N, seq_len), scanned.
+        Nothing is left in the cache when it fails."""
         n_images, skipped = 0, []
-        try:
-            with open(partial_file, "wb") as out:
-                for name, load in source_items(source):
-                    try:
-                        item = load()
-                        if isinstance(item, Image.Image):
-                            item = image_pixels(item, self.height, self.width, self.channels, self.resize)[None]
-                    except Exception as error:  # Pillow's decoders raise many exception types on bad files
-                        if self.on_bad_file == "raise":
-                            raise ValueError(f"cannot read image file {name}: {error}") from error
-                        skipped.append(f"{name} ({error})")
-                        continue
-                    for start in range(0, len(item), CHUNK):  # (n, h, w, c) -> (n, H, W, C) -> (n, seq_len)
-                        chunk = item[start : start + CHUNK]
-                        pixels = fit_pixels(chunk, self.height, self.width, self.channels, self.resize)
-                        out.write(pixels_to_bytes(pixels, self.scan, self.scan_patch).tobytes())
-                    n_images += len(item)
-        except BaseException:
-            partial_file.unlink(missing_ok=True)
-            raise
-        if n_images == 0:
-            partial_file.unlink()
-            reason = f": all {len(skipped)} files are unreadable, e.g. {skipped[0]}" if skipped else ""
-            raise ValueError(f"no readable images in {str(source.root)!r}{reason}")
+        with writing_cache(folder, ("images.bin",)) as out:
+            for name, load in source_items(source):
+                try:
+                    item = load()
+                    if isinstance(item, Image.Image):
+                        item = image_pixels(item, self.height, self.width, self.channels, self.resize)[None]
+                except Exception as error:  # Pillow's decoders raise many exception types on bad files
+                    if self.on_bad_file == "raise":
+                        raise ValueError(f"cannot read image file {name}: {error} (on_bad_file='warn' skips it)") from error
+                    skipped.append(f"{name} ({error})")
+                    continue
+                for start in range(0, len(item), CHUNK):  # (n, h, w, c) -> (n, H, W, C) -> (n, seq_len)
+                    chunk = item[start : start + CHUNK]
+                    pixels = fit_pixels(chunk, self.height, self.width, self.channels, self.resize)
+                    out["images.bin"].write(pixels_to_bytes(pixels, self.scan, self.scan_patch).tobytes())
+                n_images += len(item)
+            if n_images == 0:
+                reason = f": all {len(skipped)} files are unreadable, e.g. {skipped[0]}" if skipped else ""
+                raise ValueError(f"no readable images in {str(source.root)!r}{reason}")
         if skipped:
             shown = "; ".join(skipped[:10]) + (f"; and {len(skipped) - 10} more" if len(skipped) > 10 else "")
             warnings.warn(f"skipped {len(skipped)} unreadable file(s) in {str(source.root)!r}: {shown}", stacklevel=3)
-        partial_file.rename(folder / "images.bin")
-        meta = {"source": str(source.root), "images": n_images, "seq_len": self.seq_len, "skipped": skipped}
-        (folder / "meta.json").write_text(json.dumps(meta, indent=1))
+        write_meta(folder, {"source": str(source.root), "images": n_images, "seq_len": self.seq_len, "skipped": skipped})
         log.info("cached %d images of %s in %s", n_images, source.root, folder)
 
     def cached_images(self, source: ImageSource) -> np.memmap:
@@ -215,13 +240,15 @@ class ImageDataModule(ByteDataModule):
         )
 
     def setup(self, stage: str | None = None) -> None:
-        """Memory-map the cached images and split them into train / val (/ test) by image."""
+        """Memory-map the cached images and split them into train / val (/ test) by image; each split
+        ``stage`` reads must hold an image."""
+        check_stage_split(self.split, stage)
         if self.splits:
-            return
+            return self._check_splits(stage)
         self.prepare_data()  # a no-op once cached; needed when the datamodule is used outside the Trainer
         train_source, test_source = self.sources()
         images = self.cached_images(train_source)
-        n = len(images)
+        n = self.n_images = len(images)
         order = np.random.default_rng(self.seed).permutation(n) if self.shuffle_split else np.arange(n)
         train, val, test = split_indices(n, self.split, order)
         if test_source is not None:
@@ -231,10 +258,13 @@ class ImageDataModule(ByteDataModule):
         elif self.split[2] > 0:
             self.splits["test"] = ImageRows(images, test)
         self.splits["train"], self.splits["val"] = ImageRows(images, train), ImageRows(images, val)
-        for name, rows in self.splits.items():
-            if len(rows) == 0:
+        self._check_splits(stage)
+
+    def _check_splits(self, stage: str | None) -> None:
+        for name in STAGE_SPLITS.get(stage, SPLITS):
+            if name in self.splits and len(self.splits[name]) == 0:
                 raise ValueError(
-                    f"the {name} split of {self.path!r} has no images ({n} in all): use more images or a larger "
+                    f"the {name} split of {self.path!r} has no images ({self.n_images} in all): use more images or a larger "
                     f"{name} fraction in split"
                 )
 

@@ -9,6 +9,7 @@ import pickle
 import re
 import struct
 import tarfile
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -17,6 +18,8 @@ from typing import Literal
 
 import numpy as np
 from PIL import Image, ImageOps
+
+from datamodules.base import check_exists, check_tar_end, listed_files
 
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 IDX_IMAGES = re.compile(r".*idx3-ubyte(\.gz)?$")
@@ -37,10 +40,9 @@ class ImageSource:
 
 
 def visible_files(folder: Path) -> list[Path]:
-    """Every file under ``folder`` outside hidden files and folders, sorted by path."""
-    return sorted(
-        f for f in folder.rglob("*") if f.is_file() and not any(p.startswith(".") for p in f.relative_to(folder).parts)
-    )
+    """Every file under ``folder`` outside hidden files and folders, sorted by path (broken links skipped,
+    with a warning)."""
+    return listed_files(folder, visible=True)
 
 
 def image_folder(folder: Path, name: str, files: list[Path] | None = None) -> ImageSource:
@@ -72,15 +74,14 @@ def train_and_test(
     return ImageSource(kind, root, tuple(train + test), root.name), None
 
 
-def find_sources(path: Path) -> tuple[ImageSource, ImageSource | None]:
+def find_sources(path: Path, option: str = "data path") -> tuple[ImageSource, ImageSource | None]:
     """The images at ``path``, and their own test set where the layout names one.
 
     A folder with train and test sets: an MNIST folder with ``train-*`` and ``t10k-*`` idx files, a
     CIFAR-10 folder (``data_batch_*`` and ``test_batch``), an npz folder with ``train*`` and
     ``val*``/``test*`` batches, or an image folder with ``train/`` and ``test/`` subfolders.
     """
-    if not path.exists():
-        raise FileNotFoundError(f"data path {str(path)!r} does not exist")
+    check_exists(path, option)
     name = path.name.lower()
     if path.is_file():
         if IDX_IMAGES.match(name):
@@ -165,9 +166,14 @@ def tar_items(archive: Path) -> Iterator[tuple[str, Callable[[], Image.Image]]]:
         with tarfile.open(archive, "r|*") as tar:  # a stream: gzip is read once, front to back
             for member in tar:
                 if member.isfile() and not any(p.startswith(".") for p in Path(member.name).parts):
-                    yield f"{archive}:{member.name}", partial(open_image, tar.extractfile(member).read())
-    except (tarfile.TarError, OSError, EOFError) as error:
-        raise ValueError(f"cannot read the archive {str(archive)!r}: {error}") from error
+                    data = tar.extractfile(member).read()
+                    if len(data) != member.size:
+                        raise EOFError(f"cut short in {member.name}, {len(data)} of its {member.size} bytes")
+                    yield f"{archive}:{member.name}", partial(open_image, data)
+            offset = tar.offset
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as error:
+        raise ValueError(f"cannot read the archive {str(archive)!r} ({error}): replace it with a whole one") from None
+    check_tar_end(archive, offset)
 
 
 def source_items(source: ImageSource) -> Iterator[tuple[str, Callable[[], Image.Image | np.ndarray]]]:
