@@ -18,7 +18,13 @@ config's stem): FLOPs per byte (``megabyte.flops``), optimizer steps, bytes seen
 val bpb curve from the run's TensorBoard events, test bpb and the seconds each test took. Logs and
 checkpoints go to ``DIR/<name>/version_<n>/``. ``last.ckpt`` is written at validations, so a run that
 stops between two is tested as of the last one (``checkpoint_step``); in a 10-minute job, the config's
-``max_time`` must leave time for the test passes.
+``max_time`` must leave time for the test passes. ``--seed 0 1 2`` runs the row once per seed
+(``--seed_everything``), named ``<name>-seed<N>``; ``table`` then adds each row's mean and spread over
+its seeds. ``--results FOLDER`` also writes every JSON there (e.g. ``benchmarks/results/quality/...``,
+the folder the committed results live in; logs and checkpoints stay in ``--out``)::
+
+    python benchmarks/quality.py train --config configs/bench/quality/text-megabyte-p4-cross2.yaml --out results \
+        --seed 0 1 --results benchmarks/results/quality/cross-patch --data.path $MEGABYTE_DATA/text/docs-prose.txt.gz
 
 ``compressors`` compresses the same test split with ``xz -9e``, alone and given the training split
 first, ``zstd --ultra -22``, ``bzip2 -9`` and ``gzip -9``, into ``DIR/compressors.json``. It needs no
@@ -181,6 +187,7 @@ def train(config: str, out: Path, name: str, overrides: list[str], test_checkpoi
         "name": name,
         "config": config,
         "overrides": overrides,
+        "seed": cli.config.fit.seed_everything,
         "model": type(lm.model).__name__,
         "parameters": sum(p.numel() for p in lm.model.parameters()),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -367,6 +374,7 @@ def notes(runs: list[dict[str, Any]], compressor_rows: list[dict[str, Any]]) -> 
         memory = "" if r["peak_memory_gib"] is None else f", peak {r['peak_memory_gib']:.1f} GiB"
         lines.append(f"- {r['name']}: {r['device']}, {r['precision']}{memory}, batch {r['batch']} x {r['seq_len']} "
                      f"bytes, tested at step {r['checkpoint_step']:,}, {r['date']}")  # fmt: skip
+    lines += seed_summary(runs)
     lines += [f"- {c['tool']}: {c['note']}" for c in compressor_rows if c.get("note")]
     unrecorded = [r["name"] for r in runs if r["test_bytes"] is None]  # results written before it was recorded
     if unrecorded:
@@ -376,6 +384,28 @@ def notes(runs: list[dict[str, Any]], compressor_rows: list[dict[str, Any]]) -> 
         lines.append(f"- test split: {test_bytes.pop():,} bytes, the same for every row that records it")
     elif test_bytes:
         lines.append(f"- WARNING: the rows' test splits differ ({sorted(test_bytes)} bytes)")
+    return lines
+
+
+def seed_summary(runs: list[dict[str, Any]]) -> list[str]:
+    """A line per row run with several seeds (runs named ``<row>-seed<N>``): test bpb mean, sample standard
+    deviation and range over its seeds, and the same for the strided pass."""
+    rows: dict[str, list[dict[str, Any]]] = {}
+    for r in runs:
+        row, _, seed = r["name"].rpartition("-seed")
+        if row and seed.isdigit():
+            rows.setdefault(row, []).append(r)
+    lines = []
+    for row, seeded in rows.items():
+        if len(seeded) < 2:
+            continue
+        parts = []
+        for key, label in (("test_bpb", "test bpb"), ("strided_test_bpb", "strided")):
+            values = np.array([r[key] for r in seeded if r[key] is not None])
+            if len(values) == len(seeded):
+                parts.append(f"{label} {values.mean():.4f} +- {values.std(ddof=1):.4f} ({values.min():.4f}..{values.max():.4f})")
+        seeds = ", ".join(r["name"].rpartition("-seed")[2] for r in seeded)
+        lines.append(f"- {row} over seeds {seeds}: {'; '.join(parts)}")
     return lines
 
 
@@ -414,6 +444,9 @@ def cli_main(argv: list[str] | None = None) -> None:
     train_parser.add_argument("--name", help="name of the run; default: the config file's stem")
     train_parser.add_argument("--test_checkpoint", choices=("last", "best"), default="last",
                               help="test the fit's last checkpoint or its best (lowest val bpb)")
+    train_parser.add_argument("--seed", type=int, nargs="+",
+                              help="run once per seed (--seed_everything), named <name>-seed<N>; default: the config's")
+    train_parser.add_argument("--results", type=Path, help="also write every run's JSON into this folder")
     compressor_parser = subcommands.add_parser("compressors", allow_abbrev=False, help="compress the test split")
     compressor_parser.add_argument("--data", help="a text corpus, as --data.path of TextDataModule")
     compressor_parser.add_argument("--config", help="a config file: its data (any modality), with --data.* arguments on top")
@@ -431,14 +464,23 @@ def cli_main(argv: list[str] | None = None) -> None:
         # cli.main gets its arguments from here, not from this script's command line
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
         name = args.name or Path(args.config).stem
-        args.out.mkdir(parents=True, exist_ok=True)
-        r = train(args.config, args.out, name, overrides, args.test_checkpoint)
-        (args.out / f"{name}.json").write_text(json.dumps(r, indent=1) + "\n")
-        strided = "" if r["strided_test_bpb"] is None else f" (strided {r['strided_test_bpb']:.4f})"
-        last_val = f"{r['val_curve'][-1]['bpb']:.4f}" if r["val_curve"] else "-"
-        print(f"{name}: {r['model']} {si(r['parameters'])} parameters, {r['steps']:,} steps, "
-              f"{si(r['bytes_seen'])} bytes in {minutes(r['fit_seconds'])}; val bpb {last_val}; "
-              f"test bpb {r['test_bpb']:.4f}{strided} -> {args.out / f'{name}.json'}")  # fmt: skip
+        runs = [(name, overrides)] if args.seed is None else [
+            (f"{name}-seed{seed}", [*overrides, f"--seed_everything={seed}"]) for seed in args.seed
+        ]  # fmt: skip
+        for folder in (args.out, args.results):
+            if folder is not None:
+                folder.mkdir(parents=True, exist_ok=True)
+        for run_name, run_overrides in runs:
+            r = train(args.config, args.out, run_name, run_overrides, args.test_checkpoint)
+            text = json.dumps(r, indent=1) + "\n"
+            (args.out / f"{run_name}.json").write_text(text)
+            if args.results is not None:
+                (args.results / f"{run_name}.json").write_text(text)
+            strided = "" if r["strided_test_bpb"] is None else f" (strided {r['strided_test_bpb']:.4f})"
+            last_val = f"{r['val_curve'][-1]['bpb']:.4f}" if r["val_curve"] else "-"
+            print(f"{run_name}: {r['model']} {si(r['parameters'])} parameters, {r['steps']:,} steps, "
+                  f"{si(r['bytes_seen'])} bytes in {minutes(r['fit_seconds'])}; val bpb {last_val}; "
+                  f"test bpb {r['test_bpb']:.4f}{strided} -> {args.out / f'{run_name}.json'}")  # fmt: skip
     elif args.subcommand == "compressors":
         if (args.data is None) == (args.config is None):
             parser.error("compressors takes --data FILE (a text corpus) or --config CONFIG (its data: block)")

@@ -88,6 +88,11 @@ class MegaByteConfig(ModelConfig):
     """Number of blocks in the local model."""
     n_local_heads: int = 8
     """Attention heads in the local model."""
+    cross_patch_bytes: int = 0
+    """Cross-patch attention (r, 0..patch_size): the local model of a patch also attends to the last r
+    bytes of the previous patch, so the first bytes of a patch see the bytes just before it. 0 is the
+    paper's main model (every patch alone); the paper's ablation leaves r open. Costs (r + P) / P times
+    the local model's work."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -98,6 +103,12 @@ class MegaByteConfig(ModelConfig):
         self._check_multiple("d_global", "patch_size", " (every byte gets d_global / patch_size global dimensions)")
         self._check_multiple("d_global", "n_global_heads")
         self._check_multiple("d_local", "n_local_heads")
+        _require(
+            isinstance(self.cross_patch_bytes, int) and not isinstance(self.cross_patch_bytes, bool)
+            and 0 <= self.cross_patch_bytes <= self.patch_size,
+            f"cross_patch_bytes must be an integer in 0..patch_size ({self.patch_size}), got {self.cross_patch_bytes!r}: "
+            "the local model attends to at most the whole previous patch",
+        )
         # Each patch's global output (d_global wide) is projected into the local model's P positions; a
         # local model wider than the global one would spend more on a byte than the model spends on its patch.
         _require(

@@ -52,16 +52,17 @@ def forward_flops_per_byte(config: ModelConfig, seq_len: int) -> ForwardFlops:
     if isinstance(config, MegaByteConfig):
         P, D, d = config.patch_size, config.d_global, config.d_local
         K = -(-seq_len // P)  # patches
-        # The global model runs once per patch (1 / P per byte) over K positions; the local model
-        # once per byte over P positions.
+        L = config.cross_patch_bytes + P  # the local model's window: the previous patch's last r bytes, then P
+        # The global model runs once per patch (1 / P per byte) over K positions; the local model over
+        # windows of L positions, one per patch: L / P positions per byte (1 without cross-patch attention).
         linear = (
             config.n_global_layers * _block_linear(D, config.ffn_ratio) / P
-            + 2.0 * (D // P) * d  # global-to-local projection, per byte
-            + config.n_local_layers * _block_linear(d, config.ffn_ratio)
-            + 2.0 * d * VOCAB_SIZE  # output projection
+            + 2.0 * (D // P) * d * L / P  # global-to-local projection of every window position
+            + config.n_local_layers * _block_linear(d, config.ffn_ratio) * L / P
+            + 2.0 * d * VOCAB_SIZE  # output projection, of the P positions that predict
         )
         return _by_kernel(
-            linear, (config.n_global_layers * 4.0 * K * D / P, K), (config.n_local_layers * 4.0 * P * d, P)
+            linear, (config.n_global_layers * 4.0 * K * D / P, K), (config.n_local_layers * 4.0 * L * d * L / P, L)
         )
     if isinstance(config, ByteTransformerConfig):
         d = config.d_model

@@ -99,13 +99,15 @@ class MegaByteDecodeState:
     global_cache: KVCache
     """The global model's keys and values of the patches read so far."""
     local_cache: KVCache
-    """The local model's keys and values of the current patch's bytes."""
+    """The local model's keys and values of the current window's bytes (with cross-patch attention, the
+    previous patch's last r, then the current patch's)."""
     patch: torch.Tensor
     """LongTensor (B, P): the bytes of the current patch so far."""
     position: torch.Tensor
     """0-dim LongTensor: t of the next ``decode_step``."""
     context: torch.Tensor
-    """(B, P, d_local): the global model's projected output for the current patch."""
+    """(B, P, d_local): the global model's projected output for the current patch (at a new patch,
+    before it is overwritten, the previous patch's: cross-patch attention reads its last r)."""
 
 
 class MegaByte(ByteModel):
@@ -114,6 +116,22 @@ class MegaByte(ByteModel):
 
     ``short_attention``: the attention backend of sequences up to ``SHORT_SEQUENCE`` long, the local
     model's patches (``megabyte.attention``); it changes speed, not what is computed.
+
+    Cross-patch attention (``cross_patch_bytes`` r > 0, the paper's option): the local model of patch k
+    runs over a window of r + P positions, bytes kP - r .. kP + P - 1: the last r bytes of patch k - 1,
+    then its own P. Every position of the window has the local input of step 5: the projected global
+    output of the byte's own patch (k - 1 for the first r) plus the embedding of the byte before it, the
+    local pad at the window's first position only. So the first byte of a patch reads the last byte of
+    the previous one, which the global model has seen only inside a whole patch vector ("patch lag");
+    with r = 0 the window is the patch and this is the paper's main model. Only the last P positions
+    predict (the first r are patch k - 1's, predicted by its own window). Before the first patch the
+    window holds r zero bytes with a zero global output.
+    The first r positions are recomputed in each window, not read from patch k - 1's local model: past
+    its first layer a position of the window attends within the window only, and the patches stay
+    independent given their inputs, so every short-attention backend, activation checkpointing and
+    chunked local models run unchanged. The price: the local model's linear layers do (r + P) / P times
+    their work and its attention ((r + P) / P)^2, where attending to patch k - 1's cached keys and
+    values would add only P x r attention scores (but chain each patch to the previous one).
     """
 
     def __init__(self, config: MegaByteConfig, short_attention: ShortAttention = "auto") -> None:
@@ -137,7 +155,7 @@ class MegaByte(ByteModel):
         # 5. Local input: previous-byte embedding, local pad at patch position 0, positions.
         self.local_embedding = nn.Embedding(VOCAB_SIZE, d_local)  # E_local (V, d_local)
         self.local_pad = nn.Parameter(torch.empty(d_local))
-        self.local_pos_embedding = nn.Embedding(P, d_local)
+        self.local_pos_embedding = nn.Embedding(config.cross_patch_bytes + P, d_local)  # window positions
         # 6. Causal local model, run on every patch independently.
         self.local_model = Transformer(
             d_local, config.n_local_layers, config.n_local_heads, config.ffn_ratio * d_local, config.dropout,
@@ -156,11 +174,12 @@ class MegaByte(ByteModel):
         return h.view(B, L // self.config.patch_size, self.config.d_global)  # (B, k, d_global)
 
     def local_input(self, context: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
-        """Input of the local model at patch positions 0..L-1 (L <= P).
+        """Input of the local model at window positions 0..L-1 (L <= r + P; without cross-patch
+        attention the window is the patch).
 
         context: (..., L, d_local), the projected global output for those positions.
-        prev: LongTensor (..., L - 1), the bytes before positions 1..L of the patch.
-        Returns context + previous-byte embedding (the local pad at p = 0) + position: (..., L, d_local).
+        prev: LongTensor (..., L - 1), the bytes before positions 1..L-1 of the window.
+        Returns context + previous-byte embedding (the local pad at position 0) + position: (..., L, d_local).
         """
         L = context.shape[-2]
         pad = self.local_pad.expand(*prev.shape[:-1], 1, self.config.d_local)  # (..., 1, d_local)
@@ -187,21 +206,26 @@ class MegaByte(ByteModel):
         # 3. Global model: position k has seen patches < k only.
         h = self.global_model(h)  # (B, K, d_global)
 
-        # 4-7. Local model over all B*K patches as one batch.
-        h, x = h.view(B * K, d_global), x.view(B * K, P)  # (B*K, d_global), (B*K, P)
-        logits = self.local_logits(h, x)  # (B*K, P, V)
+        # 4-7. Local model over all B*K patches as one batch: P chunks of D_G per global output.
+        r = self.config.cross_patch_bytes
+        h, x = h.view(B, K, P, d_global // P), x.view(B, K, P)  # (B, K, P, D_G), (B, K, P)
+        if r > 0:  # each window starts with the previous patch's last r bytes (zeros before the first)
+            h = torch.cat([F.pad(h[:, :-1, P - r :], (0, 0, 0, 0, 1, 0)), h], dim=2)  # (B, K, r+P, D_G)
+            x = torch.cat([F.pad(x[:, :-1, P - r :], (0, 0, 1, 0)), x], dim=2)  # (B, K, r+P)
+        logits = self.local_logits(h.view(B * K, r + P, -1), x.view(B * K, r + P))  # (B*K, P, V)
         return logits.view(B, K * P, VOCAB_SIZE)[:, :T]  # drop the padding
 
     def local_logits(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """Steps 4-7 for N patches, each independent of the others. h: (N, d_global) their global
-        outputs, x: LongTensor (N, P) their bytes -> logits (N, P, 256)."""
-        N, P, d_global = x.shape[0], self.config.patch_size, self.config.d_global
-        # 4. Split every global output into P chunks of D_G and project each with w_GL.
-        h = self.global_to_local(h.view(N, P, d_global // P))  # (N, P, d_local)
-        # 5. Add the embedding of the previous byte in the patch (the local pad at p = 0).
-        h = self.local_input(h, x[:, :-1])  # (N, P, d_local)
-        # 6. Local model over the N patches as one batch of length-P sequences.
-        h = self.local_model(h)  # (N, P, d_local)
+        """Steps 4-7 for N windows of r + P bytes (r = ``cross_patch_bytes``; the patch itself when 0),
+        each independent of the others. h: (N, r+P, D_G) the chunk of its patch's global output for every
+        byte, x: LongTensor (N, r+P) the bytes -> logits (N, P, 256) of the window's last P bytes."""
+        r = self.config.cross_patch_bytes
+        # 4. Project every D_G chunk of the global outputs with w_GL.
+        h = self.global_to_local(h)  # (N, r+P, d_local)
+        # 5. Add the embedding of the previous byte in the window (the local pad at its start).
+        h = self.local_input(h, x[:, :-1])  # (N, r+P, d_local)
+        # 6. Local model over the N windows as one batch of length-(r+P) sequences.
+        h = self.local_model(h)[:, r:]  # (N, P, d_local): the patch's own positions
         # 7. Output projection to byte logits.
         return output_logits(h, self.local_embedding, self.lm_head)  # (N, P, V)
 
@@ -216,21 +240,29 @@ class MegaByte(ByteModel):
 
     def prefill(self, prompt: torch.Tensor) -> tuple[torch.Tensor, MegaByteDecodeState]:
         B, n = prompt.shape
-        P = self.config.patch_size
-        c, r = divmod(n, P)  # c whole patches, r bytes of the current one
+        P, d_global, r = self.config.patch_size, self.config.d_global, self.config.cross_patch_bytes
+        c, m = divmod(n, P)  # c whole patches, m bytes of the current one
         global_cache = self.global_model.new_cache(self.config.max_seq_len // P)
         patch = prompt.new_zeros(B, P)
-        patch[:, :r] = prompt[:, c * P :]
-        pad = self.global_pad.expand(B, 1, self.config.d_global)  # (B, 1, d_global)
+        patch[:, :m] = prompt[:, c * P :]
+        pad = self.global_pad.expand(B, 1, d_global)  # (B, 1, d_global)
         h = torch.cat([pad, self.embed_patches(prompt[:, : c * P])], dim=1)  # (B, c+1, d_global)
+        h = self.global_model(h, global_cache)  # (B, c+1, d_global)
         state = MegaByteDecodeState(
             global_cache=global_cache,
-            local_cache=self.local_model.new_cache(P),
+            local_cache=self.local_model.new_cache(r + P),
             patch=patch,
             position=torch.tensor(n + 1, device=prompt.device),
-            context=self._global_context(h, global_cache),
+            context=self.global_to_local(h[:, -1].view(B, P, -1)),  # (B, P, d_local)
         )
-        h = self.local_input(state.context[:, : r + 1], patch[:, :r])  # (B, r+1, d_local)
+        context, prev = state.context[:, : m + 1], patch[:, :m]  # (B, m+1, d_local), (B, m)
+        if r > 0:  # the window starts with the previous patch's last r bytes (zeros before the first)
+            before = h[:, -2] if c > 0 else h.new_zeros(B, d_global)  # (B, d_global) patch c-1's global output
+            before = self.global_to_local(before.view(B, P, -1)[:, P - r :])  # (B, r, d_local)
+            context = torch.cat([before, context], dim=1)  # (B, r+m+1, d_local)
+            bytes_before = prompt[:, c * P - r : c * P] if c > 0 else prompt.new_zeros(B, r)  # (B, r)
+            prev = torch.cat([bytes_before, prev], dim=1)  # (B, r+m)
+        h = self.local_input(context, prev)  # (B, r+m+1, d_local)
         h = self.local_model(h, state.local_cache)[:, -1]  # (B, d_local)
         return output_logits(h, self.local_embedding, self.lm_head), state
 
@@ -239,17 +271,21 @@ class MegaByte(ByteModel):
         return StepKind.NEW_PATCH if t % self.config.patch_size == 0 else StepKind.NEXT_BYTE
 
     def decode_step(self, byte: torch.Tensor, kind: StepKind, state: MegaByteDecodeState) -> torch.Tensor:
-        P = self.config.patch_size
+        P, r = self.config.patch_size, self.config.cross_patch_bytes
         p = (state.position % P).view(1)  # (1,) position of byte t in its patch, on the device
         p_prev = (p - 1) % P  # (1,) position of byte t - 1, the last of its patch when p = 0
         state.patch.index_copy_(1, p_prev, byte[:, None])
         if kind == StepKind.NEW_PATCH:  # a patch is complete: the global model reads it, the local model starts afresh
             h = self.embed_patches(state.patch, state.position - P)  # (B, 1, d_global)
-            state.context.copy_(self._global_context(h, state.global_cache))
+            context = self._global_context(h, state.global_cache)  # (B, P, d_local)
             state.local_cache.reset()
-        prev = self.local_embedding(state.patch.index_select(1, p_prev))  # (B, 1, d_local)
-        prev = torch.where(p == 0, self.local_pad, prev)  # the local pad at patch position 0
-        h = state.context.index_select(1, p) + prev + self.local_pos_embedding(p)  # (B, 1, d_local)
+            # The new window: the finished patch's last r bytes (none without cross-patch attention), then byte t.
+            h = torch.cat([state.context[:, P - r :], context[:, :1]], dim=1)  # (B, r+1, d_local)
+            h = self.local_input(h, state.patch[:, P - r :])  # (B, r+1, d_local), the local pad first
+            state.context.copy_(context)
+        else:  # p > 0
+            prev = self.local_embedding(state.patch.index_select(1, p_prev))  # (B, 1, d_local)
+            h = state.context.index_select(1, p) + prev + self.local_pos_embedding(p + r)  # (B, 1, d_local)
         h = self.local_model(h, state.local_cache)[:, -1]  # (B, d_local)
         state.position.add_(1)
         return output_logits(h, self.local_embedding, self.lm_head)

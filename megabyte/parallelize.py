@@ -113,8 +113,9 @@ def checkpointed_stacks(model: nn.Module) -> list[str]:
 
 def chunk_local_model(model: MegaByte, patches: int, recompute: bool) -> None:
     """Make MegaByte run steps 4-7 (``local_logits``) over at most ``patches`` patches at a time: the
-    same logits, as every patch is independent of the others. ``recompute``: keep only each chunk's
-    inputs for the backward pass, which recomputes the chunk as a whole."""
+    same logits, as every patch is independent of the others given its inputs (with cross-patch
+    attention, its window: the previous patch's last bytes are part of them). ``recompute``: keep only
+    each chunk's inputs for the backward pass, which recomputes the chunk as a whole."""
 
     def chunked_local_logits(self: MegaByte, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         local_logits = type(self).local_logits  # the unchunked steps 4-7

@@ -65,11 +65,12 @@ def compiled_against_eager() -> dict:
     return {"out": torch.equal(eager, compiled), "grad": torch.equal(eager_grad, compiled_grad)}
 
 
-def megabyte_with_kernel() -> dict:
+def megabyte_with_kernel(cross_patch_bytes: int = 0) -> dict:
     """A MegaByte's local model attending through the kernel gives the logits and gradients of the
-    written-out attention the CPU uses, and FlopCounterMode counts the same FLOPs for both."""
+    written-out attention the CPU uses, and FlopCounterMode counts the same FLOPs for both (with
+    cross-patch attention the kernel attends windows of cross_patch_bytes + 8 positions)."""
     torch.manual_seed(0)
-    config = tiny_megabyte_config(patch_size=8, d_global=64, d_local=32, init_std=0.3)
+    config = tiny_megabyte_config(patch_size=8, d_global=64, d_local=32, init_std=0.3, cross_patch_bytes=cross_patch_bytes)
     written_out = MegaByte(config, short_attention="written-out")
     kernel = MegaByte(config, short_attention="kernel")
     kernel.load_state_dict(written_out.state_dict())
@@ -93,5 +94,6 @@ if __name__ == "__main__":
         "cases": {name: kernel_against_reference(*case) for name, case in CASES.items()},
         "compiled": compiled_against_eager(),
         "megabyte": megabyte_with_kernel(),
+        "megabyte-cross-patch": megabyte_with_kernel(cross_patch_bytes=4),
         "opcheck": {name: result == "SUCCESS" for name, result in opcheck.items()},
     }))  # fmt: skip

@@ -221,6 +221,7 @@ def test_quality_trains_both_models_tests_them_and_tabulates(text_file, tmp_path
         assert 0 < seconds[0] < seconds[1] < r["fit_seconds"] and all(0 < p["bpb"] < 9 for p in r["val_curve"])
         assert r["test_bytes"] == len(test) and r["test_seconds"] > 0 and r["peak_memory_gib"] is None
     assert (megabyte["model"], transformer["model"]) == ("MegaByte", "ByteTransformer")
+    assert megabyte["seed"] == transformer["seed"] == 0  # the configs' seed_everything
     # MegaByte is tested at its last checkpoint; the transformer (--test_checkpoint best) at its lowest val bpb.
     assert megabyte["tested_checkpoint"] == "last" and megabyte["checkpoint_step"] == 4
     best = min(transformer["val_curve"], key=lambda p: p["bpb"])
@@ -259,6 +260,35 @@ def test_quality_trains_both_models_tests_them_and_tabulates(text_file, tmp_path
     assert rows[4][0] == "| `xz -9e -T1` given the training split"
     assert f"- test split: {len(test):,} bytes, the same for every row that records it" in lines
     assert (out / "val_bpb.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_quality_runs_a_row_once_per_seed_and_tabulates_the_spread(tmp_path, monkeypatch, capsys):
+    """--seed 3 5: two runs of the row, seeded by --seed_everything, each JSON in --out and in --results;
+    the table's notes give their mean and spread."""
+    calls = []
+
+    def fake_train(config, out, name, overrides, test_checkpoint):
+        calls.append((name, overrides))
+        seed = int(overrides[-1].rpartition("=")[2])
+        return {"name": name, "model": "MegaByte", "parameters": 1, "training_flops_per_byte": 1.0, "steps": 1,
+                "bytes_seen": 1, "fit_seconds": 1.0, "test_bpb": 0.75 + seed / 100, "strided_test_bpb": 0.7,
+                "test_seconds": 1.0, "strided_test_seconds": 1.0, "val_curve": [{"bytes": 1, "seconds": 1.0, "bpb": 0.8}],
+                "device": "cpu", "precision": "32", "batch": 1, "seq_len": 8, "checkpoint_step": 1,
+                "date": "today", "peak_memory_gib": None, "test_bytes": 10}  # fmt: skip
+
+    monkeypatch.setattr(quality, "train", fake_train)
+    out, results = tmp_path / "out", tmp_path / "results"
+    quality_main("train", "--config=configs/quickstart.yaml", f"--out={out}", "--seed", "3", "5",
+                 f"--results={results}", "--data.path=x.txt")  # fmt: skip
+    assert calls == [("quickstart-seed3", ["--data.path=x.txt", "--seed_everything=3"]),
+                     ("quickstart-seed5", ["--data.path=x.txt", "--seed_everything=5"])]  # fmt: skip
+    for folder in (out, results):
+        assert sorted(p.name for p in folder.glob("*.json")) == ["quickstart-seed3.json", "quickstart-seed5.json"]
+    capsys.readouterr()
+    quality_main("table", out)
+    lines = capsys.readouterr().out.splitlines()
+    assert ("- quickstart over seeds 3, 5: test bpb 0.7900 +- 0.0141 (0.7800..0.8000); strided 0.7000 +- 0.0000 "
+            "(0.7000..0.7000)") in lines  # fmt: skip
 
 
 def test_quality_counts_the_bytes_of_every_modalitys_test_split(text_file, tmp_path):

@@ -13,6 +13,8 @@ from tests.conftest import tiny_megabyte_config, tiny_transformer_config
 # init_std 0.3 spreads the logits far apart, so greedy choices never hang on a rounding tie.
 MODELS = {
     "megabyte": lambda: MegaByte(tiny_megabyte_config(init_std=0.3)),
+    # the local model also attends to the last 2 bytes of the previous patch: a new patch's step reads them
+    "megabyte-cross-patch": lambda: MegaByte(tiny_megabyte_config(init_std=0.3, cross_patch_bytes=2)),
     "transformer": lambda: ByteTransformer(tiny_transformer_config(init_std=0.3)),
 }
 
@@ -156,7 +158,7 @@ def test_under_autocast_a_copy_in_its_dtype_decodes(model, monkeypatch):
         mixed = generate(model, prompt, 20, generator=torch.Generator().manual_seed(1))
     assert set(seen) == {(torch.bfloat16, False)}
     assert all(p.dtype == torch.float32 for p in model.parameters())
-    half = MODELS["megabyte" if isinstance(model, MegaByte) else "transformer"]().eval()
+    half = type(model)(model.config).eval()
     half.load_state_dict(model.state_dict())
     expected = generate(half.to(torch.bfloat16), prompt, 20, generator=torch.Generator().manual_seed(1))
     assert torch.equal(mixed, expected)

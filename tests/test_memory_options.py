@@ -24,12 +24,18 @@ def logits_and_gradients(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch
         ("megabyte", [], 5),  # 2 x 10 patches in 4 chunks
         ("megabyte", ["local_model"], 3),  # 6 chunks of 3 and one of 2, each recomputed as a whole
         ("megabyte", ["global_model", "local_model"], 7),
+        ("megabyte-cross-patch", ["local_model"], None),
+        ("megabyte-cross-patch", ["local_model"], 3),  # windows of 2 + 4 bytes, chunked like patches
         ("transformer", ["transformer"], None),
     ],
 )
 def test_checkpointing_and_chunks_give_the_same_logits_and_gradients(arch, stacks, chunk):
     torch.manual_seed(0)
-    make = MegaByte(tiny_megabyte_config()) if arch == "megabyte" else ByteTransformer(tiny_transformer_config())
+    make = {
+        "megabyte": lambda: MegaByte(tiny_megabyte_config()),
+        "megabyte-cross-patch": lambda: MegaByte(tiny_megabyte_config(cross_patch_bytes=2)),
+        "transformer": lambda: ByteTransformer(tiny_transformer_config()),
+    }[arch]()
     model = make.double()
     x = torch.randint(0, 256, (2, 37))  # 37 bytes: the last of 10 patches is padded
     logits, grads = logits_and_gradients(model, x)

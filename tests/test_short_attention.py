@@ -33,11 +33,13 @@ def test_kernel_traces_under_torch_compile(interpreted):
     assert all(interpreted["opcheck"].values()), interpreted["opcheck"]
 
 
-def test_megabyte_through_the_kernel_equals_written_out_attention(interpreted):
-    """Same logits, gradients and FLOP count (FlopCounterMode: the kernel's ops have formulas)."""
-    assert interpreted["megabyte"]["logits"] < 1e-5
-    assert interpreted["megabyte"]["grads"] < 1e-5
-    written_out, kernel = interpreted["megabyte"]["flops"]
+@pytest.mark.parametrize("model", ["megabyte", "megabyte-cross-patch"])
+def test_megabyte_through_the_kernel_equals_written_out_attention(interpreted, model):
+    """Same logits, gradients and FLOP count (FlopCounterMode: the kernel's ops have formulas), also for
+    cross-patch attention's windows of 4 + 8 positions."""
+    assert interpreted[model]["logits"] < 1e-5
+    assert interpreted[model]["grads"] < 1e-5
+    written_out, kernel = interpreted[model]["flops"]
     assert kernel == written_out > 0
 
 

@@ -21,6 +21,7 @@ CONFIGS = {
     "megabyte": tiny_megabyte_config(),  # K = 16 patches: both models use written-out attention
     "megabyte-long": tiny_megabyte_config(max_seq_len=256),  # K = 64: the global model uses SDPA
     "megabyte-untied-ffn2": tiny_megabyte_config(patch_size=8, d_global=64, tie_embeddings=False, ffn_ratio=2),
+    "megabyte-cross-patch": tiny_megabyte_config(cross_patch_bytes=3),  # local windows of 3 + 4 positions
     "transformer": tiny_transformer_config(),
 }
 
