@@ -12,6 +12,7 @@ its options are those of ``sampling.generate``, which does the sampling.
 import importlib
 import inspect
 import json
+import logging
 import os
 import re
 import sys
@@ -34,6 +35,7 @@ import sampling
 from callbacks.checkpoint import ModelCheckpoint
 from callbacks.fault_tolerance import FaultTolerance
 from callbacks.predictions import BitsWriter
+from callbacks.report import ValidationReport
 from callbacks.samples import SampleCallback
 from callbacks.throughput import ThroughputCallback
 from datamodules.base import ByteDataModule
@@ -213,6 +215,84 @@ def overwrite_refusal(trainer: Trainer, ckpt_path: str | None) -> str | None:
     )
 
 
+def log_beside_checkpoint(trainer: Namespace, ckpt_path: str, subcommand: str) -> None:
+    """Point a TensorBoard logger of ``validate`` / ``test`` / ``predict`` at the run that wrote the
+    checkpoint: it logs into ``<run>/<subcommand>/`` (its own events, hparams.yaml and config.yaml, so the
+    run's own are never replaced), where TensorBoard shows it beside the run; ``predict_bits.npy`` goes
+    there too. Another logger, or none, is left as configured."""
+    run, logger = sampling.checkpoint_run(ckpt_path), trainer.get("logger")
+    if run is None or not isinstance(logger, Namespace) or not str(logger.get("class_path")).endswith("TensorBoardLogger"):
+        return
+    init_args = logger.get("init_args") or Namespace()
+    for key, value in (("save_dir", str(run.parent.parent)), ("name", run.parent.name), ("version", run.name), ("sub_dir", subcommand)):
+        init_args[key] = value
+    init_args["default_hp_metric"] = False  # an evaluation has no val bpb to put in it
+    logger["init_args"] = init_args
+
+
+IRRELEVANT_MESSAGES = (
+    "💡 Tip: For seamless cloud",  # litlogger / litmodels advertisements (logger and callback connectors)
+    "`weights_only` was not set",  # the checkpoint connector's note; our checkpoints hold plain data
+)
+
+
+class DropMessages(logging.Filter):
+    """Lightning's info lines that do not concern a user of this CLI (``IRRELEVANT_MESSAGES``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).lstrip().startswith(IRRELEVANT_MESSAGES)
+
+
+class NoFlops(logging.Filter):
+    """Lightning's model summary without its FLOPs column and total: it counts FLOPs only for a model with
+    an ``example_input_array``, so for ours it said 0 (``benchmarks/count_flops.py`` counts them)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        lines = str(record.msg).split("\n")
+        if not any(line.endswith("Total Flops") for line in lines):
+            return True
+        header = next((line for line in lines if line.rstrip().endswith("FLOPs")), None)
+        cut = header.rindex(" | ") if header else None
+        kept = []
+        for line in lines:
+            if line.endswith("Total Flops"):
+                continue
+            if cut is not None and set(line) == {"-"}:
+                line = "-" * cut
+            elif cut is not None and " | " in line:
+                line = line[:cut].rstrip()
+            kept.append(line)
+        record.msg, record.args = "\n".join(kept), ()
+        return True
+
+
+def quiet_output(subcommand: str | None) -> None:
+    """Filter, each at its source, what Lightning prints that does not concern a user of this CLI. Only
+    these messages: everything else Lightning or PyTorch says still shows."""
+    for name, kind in (
+        ("lightning.pytorch.utilities.rank_zero", DropMessages),
+        ("lightning.fabric.utilities.rank_zero", DropMessages),
+        ("lightning.pytorch.trainer.connectors.checkpoint_connector", DropMessages),
+        ("lightning.pytorch.callbacks.model_summary", NoFlops),
+    ):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, kind) for f in logger.filters):  # main may run many times in a process
+            logger.addFilter(kind())
+    # Lightning's own pytree helper builds LeafSpec(), which torch 2.10+ deprecates.
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", module=r"lightning\.pytorch\.utilities\._pytree")
+    # seed_everything(None) warns, then says "Seed set to N" itself.
+    warnings.filterwarnings("ignore", message="No seed found, seed set to")
+    # A checkpoint of a run with max_time holds the state of the Timer that max_time adds; a run without
+    # max_time has nothing to restore it into, and a run with one gets a Timer of its own.
+    warnings.filterwarnings("ignore", message=r"Be aware that when using `ckpt_path`, .* Please add the following callbacks: \['Timer'\]\.$")
+    # fit refuses a checkpoint folder that holds checkpoints unless it resumes from one of them
+    # (overwrite_refusal): then the folder is its own, and Lightning's caution does not apply.
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty", module=r"lightning\.pytorch\.callbacks\.model_checkpoint")
+    if subcommand != "fit":
+        # An evaluation restores the checkpoint's ModelCheckpoint state into a callback that never saves.
+        warnings.filterwarnings("ignore", message="The dirpath has changed from", module=r"lightning\.pytorch\.callbacks\.model_checkpoint")
+
+
 NON_FINITE_FLOAT = re.compile(r"Parser key \"([\w.]+)\":\s*Expected a <class 'float'>\. Got value: ([+-]?(nan|inf|infinity))\s*$", re.I)
 
 
@@ -271,6 +351,7 @@ class MegaByteCLI(LightningCLI):
         parser.add_lightning_class_args(ThroughputCallback, "throughput")
         parser.add_lightning_class_args(FaultTolerance, "fault_tolerance")
         parser.add_lightning_class_args(BitsWriter, "predictions")
+        parser.add_lightning_class_args(ValidationReport, "validation_report")
         parser.add_argument(
             "--allow_data_mismatch", type=bool, default=False,
             help="Use the --ckpt_path checkpoint on data of another medium or format than it was trained on (an "
@@ -383,6 +464,8 @@ class MegaByteCLI(LightningCLI):
                 self._parser(self.subcommand).error(mismatch)
         if self.too_long:
             self._parser(self.subcommand).error(self.too_long)
+        if self.subcommand in ("validate", "test", "predict") and self.checkpoint is not None:
+            log_beside_checkpoint(config["trainer"], self.checkpoint[0], self.subcommand)
 
     def instantiate_classes(self) -> None:
         try:
@@ -505,6 +588,7 @@ def main(args: list[str] | None = None, run: bool = True) -> MegaByteCLI | None:
     if argv and argv[0] in TOOLS:
         run_tool(argv)
         return None
+    quiet_output(argv[0] if argv else None)
     torch.set_float32_matmul_precision("high")  # TF32 for any float32 matmul on recent GPUs
     int_before_float(Trainer.__init__)  # --trainer.limit_val_batches 1 is one batch, 1.0 all of them
     # Lightning warns on every mid-epoch resume that the DataLoader cannot resume; our DataModules

@@ -185,12 +185,19 @@ def write_tensorboard(
     writer.flush()
 
 
+def checkpoint_run(ckpt_path: str) -> Path | None:
+    """The run folder that ``fit`` wrote ``ckpt_path`` into (``<save_dir>/<name>/<version>/checkpoints/X.ckpt``
+    -> ``<save_dir>/<name>/<version>``); None for a checkpoint outside one."""
+    folder = Path(ckpt_path).parent
+    return folder.parent if folder.name == "checkpoints" and folder.parent.name else None
+
+
 def generate(
     trainer: L.Trainer,
     model: MegaByteLM,
     datamodule: ByteDataModule,
     ckpt_path: str,
-    output_dir: str = "samples",
+    output_dir: str | None = None,
     n_samples: int = 4,
     prompt_file: str | None = None,
     sample_len: int | None = None,
@@ -209,7 +216,9 @@ def generate(
     Args:
         ckpt_path: The checkpoint to sample from; it also gives the model (and, unless
             configured, the data).
-        output_dir: Folder for ``sample_{i}`` and, with validation prompts, ``original_{i}``.
+        output_dir: Folder for ``sample_{i}`` and, with validation prompts, ``original_{i}``; default
+            ``samples/`` in the checkpoint's run folder (``logs/<name>/version_<n>/samples``), or in the
+            current folder for a checkpoint outside a run folder.
         n_samples: Number of samples.
         prompt_file: Prompt with this file, encoded by the DataModule (text: its bytes; images and
             audio: converted like the training data). A file that fills ``sample_len`` is cut to
@@ -237,7 +246,8 @@ def generate(
         prompts, originals, sample_len = validation_prompts(datamodule, n_samples, sample_len, prompt_fraction)
     model.to(trainer.strategy.root_device)
     samples = generate_samples(trainer, model.model, prompts, sample_len, seed, temperature, top_k, top_p, compile)
-    folder = Path(output_dir)
+    run = checkpoint_run(ckpt_path)
+    folder = Path(output_dir) if output_dir is not None else run / "samples" if run else Path("samples")
     written = write_files(datamodule, folder, samples, originals)
     rank_zero_info(f"{len(samples)} samples of {sample_len} bytes ({prompts.shape[1]} of prompt) in {folder}")
     return written
