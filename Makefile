@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 
 $(VENV)/.installed: constraints.txt setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --constraint constraints.txt --editable ".[test,bench]"
+	$(BIN)/python -m pip install --quiet --constraint constraints.txt --editable ".[test,bench,hub]"
 	touch $@
 
 install: $(VENV)/.installed

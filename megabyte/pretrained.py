@@ -1,8 +1,10 @@
 """A trained model from Python: ``megabyte.load(path)`` -> a ``Pretrained`` that generates, scores and
 compresses bytes, and decodes them to its medium.
 
-``path`` is a Lightning checkpoint (``.ckpt``, as ``fit`` writes) or a folder written by ``export``:
-``config.json`` (the architecture and the data options) and ``model.safetensors`` (the weights alone).
+``path`` is a Lightning checkpoint (``.ckpt``, as ``fit`` writes), a folder written by ``export``:
+``config.json`` (the architecture and the data options) and ``model.safetensors`` (the weights alone), or
+such a folder on the Hugging Face Hub, ``hf://owner/name`` (``Pretrained.push_to_hub`` uploads one; both
+need the optional ``huggingface_hub``: ``pip install "megabyte-lightning[hub]"``).
 The medium's codec is the DataModule the model was trained with, reached through the class path that
 the checkpoint stores (``datamodules.TextDataModule``, ...): this module imports no DataModule itself.
 """
@@ -21,6 +23,7 @@ from megabyte.model import ByteModel, build_model
 
 FORMAT = "megabyte-lightning"
 FORMAT_VERSION = 1
+HUB = "hf://"
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -194,6 +197,37 @@ class Pretrained:
         (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         return folder
 
+    def push_to_hub(
+        self, repo_id: str, dtype: str | None = None, private: bool | None = None, token: str | None = None
+    ) -> str:
+        """``export`` into the Hugging Face Hub model repository ``repo_id`` ("owner/name", made if missing)
+        -> the URL of the commit; ``load("hf://owner/name")`` reads it back. ``token``: as
+        ``huggingface_hub`` finds it (``hf auth login``, ``HF_TOKEN``) when None."""
+        import tempfile
+
+        api = _hub().HfApi(token=token)
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = self.export(Path(tmp) / "model", dtype)
+            api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+            commit = api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message="megabyte export")
+        return str(commit)
+
+
+def _hub() -> Any:
+    try:
+        import huggingface_hub
+    except ImportError as error:
+        raise ImportError('the Hugging Face Hub needs huggingface_hub: pip install "megabyte-lightning[hub]"') from error
+    return huggingface_hub
+
+
+def download(location: str) -> Path:
+    """``hf://owner/name`` (or ``hf://owner/name@revision``) -> a local folder holding its ``config.json`` and
+    ``model.safetensors`` (huggingface_hub's cache: downloaded once)."""
+    repo_id, _, revision = location.removeprefix(HUB).partition("@")
+    folder = _hub().snapshot_download(repo_id, revision=revision or None, allow_patterns=[CONFIG_FILE, WEIGHTS_FILE])
+    return Path(folder)
+
 
 def _checkpoint_parts(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[str, Any]]:
     """A Lightning checkpoint written by ``fit`` -> (config, the model's state dict, data options)."""
@@ -228,12 +262,13 @@ def _export_parts(folder: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], d
 
 
 def load(path: str | Path, device: str | torch.device | None = None, dtype: str | None = None) -> Pretrained:
-    """A trained model from a checkpoint (``.ckpt``) or an exported folder -> ``Pretrained``.
+    """A trained model from a checkpoint (``.ckpt``), an exported folder or ``hf://owner/name`` (an exported
+    folder on the Hugging Face Hub) -> ``Pretrained``.
 
     device: where it runs (None: "cuda" when a GPU is present, else "cpu"); dtype: "float32" (default),
     "bfloat16" or "float16" weights.
     """
-    path = Path(path)
+    path = download(path) if isinstance(path, str) and path.startswith(HUB) else Path(path)
     if path.is_dir():
         config, state, data = _export_parts(path)
     elif path.is_file():

@@ -144,3 +144,40 @@ def test_a_shipped_config_is_found_by_its_name(tmp_path, monkeypatch):
     (tmp_path / "quickstart").write_text("seed_everything: 1\n")
     assert config_names(["fit", "--config", "quickstart"]) == ["fit", "--config", "quickstart"]
     assert config_names(["fit", "--config", "nothing-like-it"]) == ["fit", "--config", "nothing-like-it"]
+
+
+def test_push_to_hub_then_load_from_the_hub_gives_the_same_bytes(checkpoint, tmp_path, monkeypatch):
+    """The Hub's two calls replaced by a local folder: nothing reaches the network."""
+    huggingface_hub = pytest.importorskip("huggingface_hub")  # the hub extra (make install has it)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    hub = tmp_path / "hub"
+    calls = []
+
+    class LocalHub:
+        def __init__(self, token=None):
+            self.token = token
+
+        def create_repo(self, repo_id, repo_type, private, exist_ok):
+            calls.append(("create_repo", repo_id, repo_type, exist_ok))
+
+        def upload_folder(self, repo_id, folder_path, commit_message):
+            (hub / repo_id).mkdir(parents=True)
+            for file in Path(folder_path).iterdir():
+                (hub / repo_id / file.name).write_bytes(file.read_bytes())
+            return f"https://huggingface.co/{repo_id}/commit/0"
+
+    def snapshot_download(repo_id, revision, allow_patterns):
+        calls.append(("snapshot_download", repo_id, revision, tuple(allow_patterns)))
+        return str(hub / repo_id)
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", LocalHub)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    model = megabyte.load(checkpoint, device="cpu")
+    assert model.push_to_hub("someone/tiny", dtype="bfloat16") == "https://huggingface.co/someone/tiny/commit/0"
+    assert sorted(p.name for p in (hub / "someone" / "tiny").iterdir()) == ["config.json", "model.safetensors"]
+    shared = megabyte.load("hf://someone/tiny@v1", device="cpu")
+    assert calls == [("create_repo", "someone/tiny", "model", True),
+                     ("snapshot_download", "someone/tiny", "v1", ("config.json", "model.safetensors"))]  # fmt: skip
+    assert next(shared.model.parameters()).dtype == torch.float32  # bf16 weights, loaded as float32
+    local = megabyte.load(model.export(tmp_path / "bf16", dtype="bfloat16"), device="cpu")
+    assert shared.generate(b"def ", 16, temperature=0) == local.generate(b"def ", 16, temperature=0)
