@@ -34,8 +34,8 @@ class KVCache:
         # The windows ``narrow`` chooses from: multiples of max_len / 8 and, below, max_len / 16 and / 32
         # (at most 10, each a CUDA graph per kind of step). At least 2: torch.compile specialises a size of 1.
         block = -(-max_len // 8)
-        sizes = {min(max_len, max(2, -(-max_len // d))) for d in (32, 16)} | {min(max_len, k * block) for k in range(1, 9)}
-        self.windows = tuple(sorted(sizes))
+        sizes = {-(-max_len // 32), -(-max_len // 16), *(k * block for k in range(1, 9))}
+        self.windows = tuple(sorted({min(max_len, max(2, s)) for s in sizes}))
         self.window: torch.Tensor | None = None  # (S,) the buffer positions attended over; None: all max_len
         self._window_positions: dict[int, torch.Tensor] = {}
 
