@@ -1,13 +1,15 @@
 """Generation speed of a config: bytes/s of key/value-cached sampling, batch 1 and batched.
 
-    python benchmarks/generate_speed.py --config configs/bench/config-m.yaml --batch_sizes 1 64 --json out.json [CLI overrides]
+    python benchmarks/generate_speed.py --config configs/bench/config-m.yaml [more configs] --batch_sizes 1 64 --json out.json [CLI overrides]
 
-Builds the model a config describes (random weights: speed does not depend on them), then for each
+Builds the model each config describes (random weights: speed does not depend on them), then for each
 batch size samples ``--new_bytes`` bytes (temperature 1) after a ``--prompt_bytes`` prompt, under the
 config's precision (bf16 autocast on the GPU for ``bf16-mixed``), and prints one table row per batch
-size: bytes/s per sequence and in all, seconds, peak memory. ``--compile`` compiles the decoding steps
-(compilation is in a warm-up call of the same shapes, outside the timing); ``--profile`` prints the
-GPU kernels a byte costs.
+size: bytes/s per sequence and in all, seconds, peak memory. The CLI overrides apply to every config.
+``--compile`` compiles the decoding steps (compilation is in a warm-up call of the same shapes, outside
+the timing); ``--profile`` prints the GPU kernels a byte costs. Decoding attends over a window of the
+key/value caches that holds their filled part; ``--full_cache`` also times each batch size attending
+over the whole buffers (``generate(full_cache=True)``, the decoding before windows), right after.
 """
 
 import argparse
@@ -69,9 +71,11 @@ def measure(
     compile: bool = False,
     weights_dtype: str | None = None,
     profile: bool = False,
+    full_cache: bool = False,
 ) -> list[dict[str, Any]]:
     """``weights_dtype`` (e.g. "bfloat16"): cast the model and generate without autocast.
-    ``profile``: print the GPU kernels a byte costs at the first batch size."""
+    ``profile``: print the GPU kernels a byte costs at the first batch size.
+    ``full_cache``: after each batch size's row, one more attending over the whole cache buffers."""
     cli = main([f"--config={config}", *overrides, "--trainer.logger=false"], run=False)
     model = cli.model.model
     device = cli.trainer.strategy.root_device
@@ -84,29 +88,32 @@ def measure(
     if device.type == "cuda" and cuda_graphs is not False:
         check = graphs_match_eager(model, device, context, compile)
     results = []
-    for batch in batch_sizes:
+    for batch, full in ((b, f) for b in batch_sizes for f in ([False, True] if full_cache else [False])):
         generator = torch.Generator(device=device).manual_seed(0)
         prompt = torch.randint(0, 256, (batch, prompt_bytes), device=device, generator=generator)
+        options = {"generator": generator, "cuda_graphs": cuda_graphs, "compile": compile, "full_cache": full}
         with context():
-            # Compiled steps are compiled for the shapes of a call: warm up with the same ones.
+            # Compiled steps are compiled for the shapes of a call: warm up with the same ones (and
+            # every cache window the timed call reaches, each a CUDA graph per kind of step).
             warmup = new_bytes if compile else min(new_bytes, 64)
-            generate(model, prompt, warmup, generator=generator, cuda_graphs=cuda_graphs, compile=compile)
+            generate(model, prompt, warmup, **options)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
         start = time.perf_counter()
         with context():
-            generate(model, prompt, new_bytes, generator=generator, cuda_graphs=cuda_graphs, compile=compile)
+            generate(model, prompt, new_bytes, **options)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - start
-        if profile and batch == batch_sizes[0]:
+        if profile and batch == batch_sizes[0] and not full:
             profile_kernels(model, prompt, min(new_bytes, 512), context, cuda_graphs, compile)
         results.append({
             "config": config, "overrides": overrides, "model": type(model).__name__,
             "parameters": sum(p.numel() for p in model.parameters()),
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "precision": weights_dtype or str(cli.trainer.precision), "compile": compile, "batch": batch, "prompt_bytes": prompt_bytes,
+            "precision": weights_dtype or str(cli.trainer.precision), "compile": compile,
+            "cache": "full" if full else "window", "batch": batch, "prompt_bytes": prompt_bytes,
             "new_bytes": new_bytes, "seconds": seconds, "bytes_per_sec_per_sequence": new_bytes / seconds,
             "bytes_per_sec": batch * new_bytes / seconds,
             "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
@@ -117,8 +124,8 @@ def measure(
 
 
 HEADER = (
-    "| model | config | precision | compiled | batch | new bytes | seconds | bytes/s per sequence | bytes/s in all "
-    "| peak GiB | CUDA graphs (= without) |\n|---|---|---|---|---|---|---|---|---|---|---|"
+    "| model | config | precision | compiled | cache read | batch | new bytes | seconds | bytes/s per sequence "
+    "| bytes/s in all | peak GiB | CUDA graphs (= without) |\n|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
@@ -126,7 +133,7 @@ def table_row(r: dict[str, Any]) -> str:
     memory = f"{r['peak_memory_gib']:.2f}" if r["peak_memory_gib"] is not None else "-"
     return (
         f"| {r['model']} | {Path(r['config']).name} {' '.join(r['overrides'])} | {r['precision']} | {r['compile']} "
-        f"| {r['batch']} | {r['new_bytes']} "
+        f"| {r.get('cache', 'full')} | {r['batch']} | {r['new_bytes']} "
         f"| {r['seconds']:.2f} | {r['bytes_per_sec_per_sequence']:,.0f} | {r['bytes_per_sec']:,.0f} | {memory} "
         f"| {r['cuda_graphs']} ({r['graphs_match_eager']}) |"
     )
@@ -134,7 +141,7 @@ def table_row(r: dict[str, Any]) -> str:
 
 def cli_main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True)
+    parser.add_argument("--config", required=True, nargs="+", help="one or more configs, measured in turn")
     parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 64])
     parser.add_argument("--new_bytes", type=int, default=8192)
     parser.add_argument("--prompt_bytes", type=int, default=0)
@@ -142,12 +149,19 @@ def cli_main() -> None:
     parser.add_argument("--compile", action="store_true", help="compile each kind of decoding step")
     parser.add_argument("--weights_dtype", help="cast the model (e.g. bfloat16) and generate without autocast")
     parser.add_argument("--profile", action="store_true", help="print the kernels a byte costs (GPU)")
+    parser.add_argument("--full_cache", action="store_true",
+                        help="also time each batch size attending over the whole cache buffers (the decoding before windows)")
     parser.add_argument("--json", help="append each result as one JSON line to this file")
     args, overrides = parser.parse_known_args()
     graphs = {"auto": None, "true": True, "false": False}[args.cuda_graphs]
-    results = measure(
-        args.config, overrides, args.batch_sizes, args.new_bytes, args.prompt_bytes, graphs, args.compile, args.weights_dtype, args.profile
-    )
+    results = [
+        r
+        for config in args.config
+        for r in measure(
+            config, overrides, args.batch_sizes, args.new_bytes, args.prompt_bytes, graphs, args.compile,
+            args.weights_dtype, args.profile, args.full_cache,
+        )
+    ]
     if args.json:
         with open(args.json, "a") as f:
             f.writelines(json.dumps(r) + "\n" for r in results)

@@ -1,10 +1,12 @@
 """Sampling bytes one at a time from a model's key/value-cached decoder (``prefill`` / ``decode_step``).
 
 On a GPU each step (sample a byte, write it, run the decoder for the next one) is captured once as a
-CUDA graph per step kind and then replayed: one launch per byte instead of hundreds, so the speed is
-the GPU's, not the Python interpreter's. Every position of a step lives on the device (the caches'
-lengths, the model's position counter, the index of the byte written), so a graph stays valid for
-every step of its kind. Sampling uses the Gumbel-max trick with uniform noise drawn up front: the
+CUDA graph per step kind and cache window and then replayed: one launch per byte instead of hundreds,
+so the speed is the GPU's, not the Python interpreter's. Every position of a step lives on the device
+(the caches' lengths, the model's position counter, the index of the byte written), so a graph stays
+valid for every step of its kind and window. The window (``ByteModel.narrow_attention``, a few lengths
+chosen on the host) lets a step attend over the filled part of the key/value caches rather than over
+their whole buffers: at batch 64 the keys and values read, not the weights, bound a step. Sampling uses the Gumbel-max trick with uniform noise drawn up front: the
 same bytes with and without graphs, for a given generator.
 """
 
@@ -110,6 +112,7 @@ def generate(
     generator: torch.Generator | None = None,
     cuda_graphs: bool | None = None,
     compile: bool = False,
+    full_cache: bool = False,
 ) -> torch.Tensor:
     """Continue ``prompt`` by ``max_new_bytes`` bytes sampled from ``model`` (MegaByte or ByteTransformer).
 
@@ -119,6 +122,8 @@ def generate(
     cuda_graphs: replay each decoding step as a CUDA graph; None: on a GPU.
     compile: fuse each kind of decoding step with ``torch.compile`` (about a minute, once per
         process, kind of step, batch size and sampling setting: pays for long or repeated generations).
+    full_cache: attend over the whole key/value buffers (``max_seq_len`` positions) at every step
+        rather than over a window that holds the filled part: the same bytes, slower; for measuring.
     Under autocast (e.g. Lightning's bf16-mixed), a copy of the model in autocast's dtype decodes.
     Returns LongTensor (B, n + max_new_bytes): the prompt followed by the new bytes.
     The model runs in eval mode (no dropout) and is put back in its previous mode.
@@ -145,7 +150,9 @@ def generate(
         # again at every step (its cast cache is off inside CUDA graphs).
         half = copy.deepcopy(model).to(torch.get_autocast_dtype(device.type))
         with torch.autocast(device.type, enabled=False):
-            return generate(half, prompt, max_new_bytes, temperature, top_k, top_p, generator, cuda_graphs, compile)
+            return generate(
+                half, prompt, max_new_bytes, temperature, top_k, top_p, generator, cuda_graphs, compile, full_cache
+            )
     use_graphs = device.type == "cuda" if cuda_graphs is None else cuda_graphs
     noise = None  # uniform noise of every sampled byte, drawn up front (B, 256) per step
     if temperature > 0:
@@ -162,28 +169,31 @@ def generate(
         logits, state = model.prefill(prompt)  # logits (B, 256) of byte n
         drawn = torch.zeros((), dtype=torch.long, device=device)  # bytes sampled so far
         written = torch.tensor(n, device=device)  # where the next sampled byte goes in x
-        # Steps of one kind run the same device code whatever t is: one function (compiled or not)
-        # and one CUDA graph per kind, made after the kind ran eagerly (which also compiles it and
-        # initialises the kernels a capture needs).
+        # Steps of one kind run the same device code whatever t is, up to the window of the caches
+        # they attend over (a few lengths, chosen here on the host where t is known): one function
+        # (compiled or not, a compilation serving every window) per kind and one CUDA graph per kind
+        # and window, made after that pair ran eagerly (which also compiles the step and initialises
+        # the kernels a capture needs).
         steps: dict[StepKind, Callable[[], None]] = {}
-        runs: dict[StepKind, int] = {}
-        graphs: dict[StepKind, torch.cuda.CUDAGraph] = {}
+        runs: dict[tuple[StepKind, int | None], int] = {}
+        graphs: dict[tuple[StepKind, int | None], torch.cuda.CUDAGraph] = {}
         for t in range(n, total - 1):
             kind = model.step_kind(t + 1)
+            key = (kind, None if full_cache else model.narrow_attention(state, t + 1))
             if kind not in steps:
                 steps[kind] = functools.partial(
                     step_fn, model, state, kind, logits, x, noise, drawn, written, temperature, top_k, top_p
                 )
-            runs[kind] = runs.get(kind, 0) + 1
-            if not use_graphs or runs[kind] <= (2 if compile else 1):
+            runs[key] = runs.get(key, 0) + 1
+            if not use_graphs or runs[key] <= (2 if compile else 1):
                 steps[kind]()
-            elif kind in graphs:
-                graphs[kind].replay()
+            elif key in graphs:
+                graphs[key].replay()
             else:  # capture records the step without running it: run it by replaying
-                graphs[kind] = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graphs[kind]):
+                graphs[key] = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graphs[key]):
                     steps[kind]()
-                graphs[kind].replay()
+                graphs[key].replay()
         last_noise = None if noise is None else noise[-1]
         x[:, total - 1] = sample_next_byte(logits, temperature, top_k, top_p, noise=last_noise)
     finally:

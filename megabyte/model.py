@@ -84,12 +84,23 @@ class ByteModel(nn.Module):
 
     def decode_step(self, byte: torch.Tensor, kind: StepKind, state: object) -> torch.Tensor:
         """byte: LongTensor (B,), the byte chosen at position t - 1 -> logits (B, 256) of byte t.
-        Positions live in ``state`` on the device; ``kind`` is ``step_kind(t)``."""
+        Positions live in ``state`` on the device; ``kind`` is ``step_kind(t)``.
+
+        The step attends over the whole key/value buffers (``max_seq_len`` positions) unless
+        ``narrow_attention(state, t)`` was called before it: a caller that knows t on the host calls
+        that before every step (it costs nothing on the device) to attend over the filled part only."""
         raise NotImplementedError
 
     def step_kind(self, t: int) -> StepKind:
         """The kind of the step that decodes byte t."""
         return StepKind.NEXT_BYTE
+
+    def narrow_attention(self, state: object, t: int) -> int | None:
+        """Let the step that decodes byte t (and the later ones, until the window is outgrown) attend
+        over a window of the caches of ``state`` that holds every position it reads, rather than their
+        whole buffers (``KVCache.narrow``). -> the window's length, which selects the step's CUDA graph
+        together with its kind; None where this step's attention reads no growing cache."""
+        return None
 
 
 @dataclass
@@ -270,6 +281,13 @@ class MegaByte(ByteModel):
         """NEW_PATCH where byte t starts a patch (the global model runs first), else NEXT_BYTE."""
         return StepKind.NEW_PATCH if t % self.config.patch_size == 0 else StepKind.NEXT_BYTE
 
+    def narrow_attention(self, state: MegaByteDecodeState, t: int) -> int | None:
+        """A step of a new patch reads global positions 0..t/P (the pad, then t/P patches); the others
+        read no global cache. The local cache, a window of r + P bytes, is read whole."""
+        if self.step_kind(t) != StepKind.NEW_PATCH:
+            return None
+        return state.global_cache.narrow(t // self.config.patch_size + 1)
+
     def decode_step(self, byte: torch.Tensor, kind: StepKind, state: MegaByteDecodeState) -> torch.Tensor:
         P, r = self.config.patch_size, self.config.cross_patch_bytes
         p = (state.position % P).view(1)  # (1,) position of byte t in its patch, on the device
@@ -341,6 +359,10 @@ class ByteTransformer(ByteModel):
         )
         h = self.transformer(self.shifted_input(prompt), state.cache)[:, -1]  # (B, d)
         return output_logits(h, self.embedding, self.lm_head), state
+
+    def narrow_attention(self, state: ByteTransformerDecodeState, t: int) -> int | None:
+        """The step that decodes byte t reads positions 0..t (the start vector, then bytes 0..t-1)."""
+        return state.cache.narrow(t + 1)
 
     def decode_step(self, byte: torch.Tensor, kind: StepKind, state: ByteTransformerDecodeState) -> torch.Tensor:
         h = self.embedding(byte[:, None]) + self.pos_embedding(state.position)  # (B, 1, d)

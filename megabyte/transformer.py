@@ -17,11 +17,12 @@ class KVCache:
     One cache serves every block of a stack. The first forward through it (the prefill) allocates
     each block's buffer (2, N, nh, max_len, hs), keys then values, with the dtype and device of its
     keys and writes positions 0..L-1, which attend causally among themselves. ``length`` (a 0-dim
-    device tensor) counts the filled positions; later forwards write at ``length`` and attend over the
-    whole buffers through an additive bias that hides the unfilled positions. Where to write and the
-    bias are computed once per forward, by its first block, for all the blocks; ``length`` is
-    never read on the host, so a decoding step can be captured once as a CUDA graph (or compiled)
-    and replayed.
+    device tensor) counts the filled positions; later forwards write at ``length`` and attend over a
+    window of the buffers, positions 0..S-1, through an additive bias that hides the unfilled ones:
+    the whole buffers (S = max_len) unless ``narrow`` chose a shorter window. Where to write and the
+    bias are computed once per forward, by its first block, for all the blocks; ``length`` is never
+    read on the host, so a decoding step can be captured once per window as a CUDA graph (or
+    compiled) and replayed.
     """
 
     def __init__(self, n_layers: int, max_len: int) -> None:
@@ -29,19 +30,52 @@ class KVCache:
         self.kv: list[torch.Tensor | None] = [None] * n_layers  # (2, N, nh, max_len, hs) per block
         self.length: torch.Tensor | None = None
         self.positions: torch.Tensor | None = None  # (L,) the positions the current forward writes
-        self.bias: torch.Tensor | None = None  # (L, max_len) 0 where a new position sees a key, else -inf
+        self.bias: torch.Tensor | None = None  # (L, S) 0 where a new position sees a key, else -inf
+        # The windows ``narrow`` chooses from: multiples of max_len / 8 and, below, max_len / 16 and / 32
+        # (at most 10, each a CUDA graph per kind of step). At least 2: torch.compile specialises a size of 1.
+        block = -(-max_len // 8)
+        sizes = {-(-max_len // 32), -(-max_len // 16), *(k * block for k in range(1, 9))}
+        self.windows = tuple(sorted({min(max_len, max(2, s)) for s in sizes}))
+        self.window: torch.Tensor | None = None  # (S,) the buffer positions attended over; None: all max_len
+        self._window_positions: dict[int, torch.Tensor] = {}
 
     def reset(self) -> None:
-        """Forget every position (the buffers stay)."""
+        """Forget every position (the buffers and the window stay)."""
         if self.length is not None:
             self.length.zero_()
+
+    def narrow(self, length: int | None) -> int | None:
+        """Let the forwards that follow attend over the shortest of ``windows`` holding ``length``
+        positions, buffer positions 0..S-1, instead of the whole buffers: the caller, who knows on the
+        host how far the cache is filled, calls it before a forward whenever the positions it reads
+        (0..length-1, the new ones included) outgrow the window. A window too short for them hides the
+        newest keys: wrong results, unchecked (checking would read ``length`` on the host).
+        None: the whole buffers again. -> S (None for the whole buffers).
+
+        Each window is a device tensor of its positions, kept for the cache's life: a CUDA graph
+        captured with it stays valid, and it is marked dynamic, so one compilation of a step serves
+        every window.
+        """
+        if length is None:
+            self.window = None
+            return None
+        if not 1 <= length <= self.max_len:
+            raise ValueError(f"KVCache holds {self.max_len} positions; cannot attend over {length}")
+        if self.kv[0] is None:
+            raise ValueError("narrow a KVCache after its first forward (the prefill), which places its buffers")
+        size = next(s for s in self.windows if s >= length)
+        if size not in self._window_positions:
+            self._window_positions[size] = torch.arange(size, device=self.kv[0].device)
+            torch._dynamo.maybe_mark_dynamic(self._window_positions[size], 0)
+        self.window = self._window_positions[size]
+        return size
 
     def append(
         self, layer: int, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """k, v: (N, nh, L, hs), block ``layer``'s keys and values of the next L positions ->
         (keys, values, bias) to attend over: in the first forward the new ones alone and bias None
-        (causal), later the block's whole buffers (N, nh, max_len, hs) and the bias (L, max_len)."""
+        (causal), later the window of the block's buffers (N, nh, S, hs) and the bias (L, S)."""
         L = k.shape[2]
         if self.length is None:
             if L > self.max_len:
@@ -51,11 +85,13 @@ class KVCache:
             return k, v, None
         if self.positions is None:  # the first block of this forward
             self.positions = self.length + torch.arange(L, device=k.device)  # (L,)
-            visible = torch.arange(self.max_len, device=k.device) <= self.positions[:, None]  # (L, max_len)
+            window = torch.arange(self.max_len, device=k.device) if self.window is None else self.window  # (S,)
+            visible = window <= self.positions[:, None]  # (L, S)
             self.bias = torch.zeros(visible.shape, dtype=k.dtype, device=k.device).masked_fill(~visible, float("-inf"))
         # One write for keys and values (one kernel when compiled), in place also under torch.compile.
         self.kv[layer][:, :, :, self.positions] = torch.stack([k, v])  # (2, N, nh, L, hs)
-        return self.kv[layer][0], self.kv[layer][1], self.bias
+        S = self.bias.shape[1]
+        return self.kv[layer][0, :, :, :S], self.kv[layer][1, :, :, :S], self.bias
 
     def advance(self, L: int) -> None:
         """After every block appended L positions: count them."""

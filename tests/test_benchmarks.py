@@ -66,12 +66,16 @@ def test_train_speed_prints_a_row_and_writes_json(text_file, tmp_path):
 def test_generate_speed_prints_rows_and_writes_json(tmp_path):
     out = tmp_path / "generate.jsonl"
     stdout = run("generate_speed.py", "--config=configs/bench/config-m.yaml", "--batch_sizes", "1", "3",
-                 "--new_bytes=40", "--prompt_bytes=5", f"--json={out}", *TINY)  # fmt: skip
+                 "--new_bytes=40", "--prompt_bytes=5", "--full_cache", f"--json={out}", *TINY)  # fmt: skip
     results = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [r["batch"] for r in results] == [1, 3] and all(r["new_bytes"] == 40 for r in results)
+    # each batch size over the caches' windows, then over their whole buffers (the decoding before windows)
+    assert [(r["batch"], r["cache"]) for r in results] == [(1, "window"), (1, "full"), (3, "window"), (3, "full")]
+    assert all(r["new_bytes"] == 40 for r in results)
     for r in results:
         assert r["bytes_per_sec"] > 0 and r["bytes_per_sec"] == pytest.approx(r["batch"] * r["bytes_per_sec_per_sequence"])
-    assert len(stdout.strip().splitlines()) == 4  # header, separator, two rows
+    lines = stdout.strip().splitlines()
+    assert len(lines) == 6 and lines[3].startswith("| MegaByte | config-m.yaml")  # header, separator, four rows
+    assert [line.split(" | ")[4] for line in lines[2:]] == ["window", "full"] * 2
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import torch
 
 from megabyte import ByteTransformer, MegaByte
 from megabyte.generation import generate, sample_next_byte
-from megabyte.transformer import Transformer
+from megabyte.transformer import KVCache, Transformer
 from tests.conftest import tiny_megabyte_config, tiny_transformer_config
 
 # init_std 0.3 spreads the logits far apart, so greedy choices never hang on a rounding tie.
@@ -46,16 +46,77 @@ def test_greedy_cached_generation_equals_recomputation(model, n, dtype):
     assert torch.equal(cached, greedy_by_recomputation(model, prompt, total))
 
 
+@pytest.mark.parametrize("narrow", [False, True], ids=["whole-cache", "narrowed"])
 @pytest.mark.parametrize("n", [0, 3, 4, 9])
-def test_cached_logits_match_the_full_forward(model, n):
+def test_cached_logits_match_the_full_forward(model, n, narrow):
+    """Teacher-forced decoding steps give the full forward's logits, attending over the whole buffers
+    (a caller that never narrows) or over the window ``narrow_attention`` picks before every step."""
     x = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(1))
     reference = model(x)  # (2, 40, 256)
     with torch.no_grad():
         logits, state = model.prefill(x[:, :n])
         torch.testing.assert_close(logits, reference[:, n], atol=1e-5, rtol=1e-5)
         for t in range(n + 1, 40):
+            if narrow:
+                model.narrow_attention(state, t)
             logits = model.decode_step(x[:, t - 1], model.step_kind(t), state)
             torch.testing.assert_close(logits, reference[:, t], atol=1e-5, rtol=1e-5)
+
+
+def keys_read(monkeypatch, max_len: int) -> list[int]:
+    """From now on, record the number of cached keys each decoding forward through a cache of
+    ``max_len`` positions attends over (S)."""
+    seen = []
+    append = KVCache.append
+
+    def spy(self, layer, k, v):
+        keys, values, bias = append(self, layer, k, v)
+        if bias is not None and layer == 0 and self.max_len == max_len:
+            seen.append(keys.shape[2])
+        return keys, values, bias
+
+    monkeypatch.setattr(KVCache, "append", spy)
+    return seen
+
+
+# prompts crossing the caches' windows: the ByteTransformer's (64 positions) at 2, 4, 8, 16, 24, ...,
+# MegaByte's global one (16 patches) at 2, 4, 6, ... patches
+@pytest.mark.parametrize("n", [0, 7, 8, 23, 30])
+def test_decoding_over_windows_gives_the_bytes_of_decoding_over_the_whole_cache(model, n, monkeypatch):
+    prompt = torch.randint(0, 256, (3, n), generator=torch.Generator().manual_seed(n))
+    new = model.config.max_seq_len - n
+    max_len = model.config.max_seq_len // getattr(model.config, "patch_size", 1)  # the growing cache's
+    seen = keys_read(monkeypatch, max_len)
+    for temperature in (0.0, 1.0):
+        full = generate(model, prompt, new, temperature, generator=torch.Generator().manual_seed(2), full_cache=True)
+        assert set(seen) == {max_len}
+        seen.clear()
+        windowed = generate(model, prompt, new, temperature, generator=torch.Generator().manual_seed(2))
+        assert torch.equal(windowed, full)
+        # each step reads no more than the next window up from the positions it needs
+        needed = range(n + 2, model.config.max_seq_len + 1)  # the ByteTransformer's steps: t + 1 positions
+        if isinstance(model, MegaByte):  # a new patch's step: t / P + 1 global positions
+            P = model.config.patch_size
+            needed = [t // P + 1 for t in range(n + 1, model.config.max_seq_len) if t % P == 0]
+        assert len(seen) == len(needed) and all(m <= s <= max(2 * m, 8) for m, s in zip(needed, seen))
+        seen.clear()
+
+
+def test_a_cache_narrows_to_few_windows_and_only_after_its_prefill():
+    cache = KVCache(n_layers=1, max_len=8192)
+    assert cache.windows == (256, 512, *range(1024, 8193, 1024))
+    assert KVCache(1, 64).windows == (2, 4, 8, 16, 24, 32, 40, 48, 56, 64)
+    assert KVCache(1, 3).windows == (2, 3)
+    with pytest.raises(ValueError, match="narrow a KVCache after its first forward"):
+        cache.narrow(5)
+    transformer = Transformer(d_model=16, n_layers=1, n_heads=2, d_hidden=32, dropout=0.0).eval()
+    cache = transformer.new_cache(64)
+    with torch.no_grad():
+        transformer(torch.randn(2, 5, 16), cache)
+    assert [cache.narrow(m) for m in (1, 6, 17, 64)] == [2, 8, 24, 64]
+    assert cache.narrow(None) is None and cache.window is None
+    with pytest.raises(ValueError, match="KVCache holds 64 positions; cannot attend over 65"):
+        cache.narrow(65)
 
 
 def test_transformer_fed_in_chunks_through_its_cache_equals_one_pass():
@@ -132,7 +193,8 @@ def test_compiled_decoding_steps_give_the_same_bytes(model):
     sampled = generate(model, prompt, 30, generator=torch.Generator().manual_seed(4))
     assert torch.equal(generate(model, prompt, 30, generator=torch.Generator().manual_seed(4), compile=True), sampled)
     # The compilations serve every later call of the same batch size and sampling: other lengths of
-    # prompt and of generation, another copy of the model, compile nothing new.
+    # prompt and of generation, cache windows not reached before (40, 48), another copy of the model,
+    # compile nothing new.
     from torch._dynamo.utils import counters
 
     compiled = counters["stats"]["unique_graphs"]
