@@ -38,6 +38,7 @@ import json
 import logging
 import struct
 import tempfile
+import weakref
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -100,18 +101,31 @@ def coding_probabilities(logits: torch.Tensor) -> torch.Tensor:
     return torch.softmax(logits.float(), dim=-1)
 
 
+_HASHES: "weakref.WeakKeyDictionary[ByteModel, tuple[Any, bytes]]" = weakref.WeakKeyDictionary()
+
+
 def model_hash(model: ByteModel, data: dict[str, Any] | None = None) -> bytes:
     """sha256 (first 16 bytes) of the architecture, every weight's name, dtype, shape and bytes, and the
     data's class and format options (what the medium's bytes mean): any change to what the model computes
-    or to the medium's codec changes it."""
+    or to the medium's codec changes it.
+
+    Kept per model while no weight is replaced or written in place (its storage and version counter
+    unchanged: an optimizer step, ``load_state_dict`` and ``.to(dtype)`` all change one), so a model's
+    weights are read once, not at every call."""
+    state = model.state_dict()
+    key = (json.dumps(data, sort_keys=True, default=str), tuple((k, t.data_ptr(), t._version, t.dtype, t.device) for k, t in state.items()))
+    cached = _HASHES.get(model)
+    if cached is not None and cached[0] == key:
+        return cached[1]
     digest = hashlib.sha256(json.dumps(config_to_dict(model.config), sort_keys=True).encode())
     if data is not None:
         digest.update(json.dumps(data, sort_keys=True, default=str).encode())
-    for name, tensor in sorted(model.state_dict().items()):
+    for name, tensor in sorted(state.items()):
         tensor = tensor.detach().contiguous().cpu()
         digest.update(f"{name}\0{str(tensor.dtype)}\0{tuple(tensor.shape)}\0".encode())
         digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-    return digest.digest()[:16]
+    _HASHES[model] = (key, digest.digest()[:16])
+    return _HASHES[model][1]
 
 
 def provenance(device: torch.device) -> str:
@@ -212,7 +226,7 @@ def _code_batch(
     byte = np.zeros(rows, dtype=np.int64)
     done = 0
     for t in range(steps):
-        k = sum(1 for n in lengths if n > t)  # only the last chunk of a file is shorter: the first k rows
+        k = rows if t < lengths[-1] else rows - 1  # only a file's last chunk is shorter, and it is the last row
         byte[:k] = code(t, batch.probabilities()[:k])
         done += k
         if progress is not None and (t % 256 == 255 or t == steps - 1):

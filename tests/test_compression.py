@@ -19,7 +19,7 @@ import megabyte
 from cli import main
 from datamodules.audio.codec import encode_waveform
 from megabyte.bits import byte_bits
-from megabyte.compression import coded_bits, read_header
+from megabyte.compression import coded_bits, model_hash, read_header
 from megabyte.config import config_to_dict
 from megabyte.pretrained import Pretrained
 from tests.audio_files import sine
@@ -353,3 +353,13 @@ def test_the_command_refuses_a_damaged_truncated_or_foreign_file_and_writes_noth
     assert Path("truncated.mbz").read_bytes() == files["truncated.mbz"]
     main(["decompress", "--ckpt_path", ckpt, "good.mbz", "out"])
     assert Path("out").read_bytes() == SOURCE[:200]
+
+
+def test_the_model_hash_follows_the_weights(text_model):
+    model = megabyte.build_model(text_model.config)
+    model.load_state_dict(text_model.model.state_dict())
+    assert model_hash(model) == model_hash(text_model.model)  # the same weights: the same model
+    with torch.no_grad():
+        next(model.parameters())[0, 0] += 1.0  # written in place: read again, not taken from the cache
+    assert model_hash(model) != model_hash(text_model.model)
+    assert model_hash(text_model.model, {"class_path": "datamodules.ImageDataModule"}) != model_hash(text_model.model)
