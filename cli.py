@@ -549,6 +549,8 @@ DESCRIPTIONS = {
 
 TOOLS = {
     "export": "Write a checkpoint's model as DIR/config.json and DIR/model.safetensors (weights only).",
+    "compress": "Compress a file IN into OUT with a trained model (lossless; decompress with the same model).",
+    "decompress": "Decompress a file IN written by compress into OUT, with the model that compressed it.",
 }
 """Subcommands that use a trained model without a Trainer: parsed here, run by ``megabyte.pretrained``."""
 
@@ -559,11 +561,23 @@ def tool_parser(name: str) -> ArgumentParser:
         parser.add_argument("ckpt_path", type=str, help="A checkpoint written by fit (.ckpt).")
         parser.add_argument("folder", type=str, help="The folder to write (new or empty).")
         parser.add_argument("--dtype", type=str | None, default=None, help="float32, bfloat16 or float16 weights (default: as trained, float32).")
+    if name in ("compress", "decompress"):
+        parser.add_argument("--ckpt_path", type=str, required=True, help="The model: a checkpoint (.ckpt) or a folder written by export.")
+        parser.add_argument("input", type=str, help="The file to read.")
+        parser.add_argument("output", type=str, help="The file to write (it must not exist).")
+        parser.add_argument("--device", type=str | None, default=None, help="cuda or cpu (default: cuda where there is a GPU). A file decompresses on the kind of device and software it was compressed on.")
+        parser.add_argument("--dtype", type=str | None, default=None, help="float32 (default), bfloat16 or float16 weights: decompress with the dtype compress used.")
+    if name == "compress":
+        parser.add_argument("--chunk_len", type=int | None, default=None, help="Bytes of each independently coded chunk, up to the model's max_seq_len (default).")
+        parser.add_argument("--batch_size", type=int, default=64, help="Chunks coded at once (speed and memory; decompress uses the same).")
+        parser.add_argument("--medium", type=bool | None, default=None, help="Image and audio models: true codes the medium's content (pixels, samples) and decompress writes a PNG / WAV; false codes the file's bytes; default: the content only where decompress gives back the very file.")
     return parser
 
 
 def run_tool(argv: list[str]) -> None:
-    """``export CKPT DIR``: a refused input is the parser's one ``error:`` line (exit 2)."""
+    """``export CKPT DIR``, ``compress`` / ``decompress --ckpt_path CKPT IN OUT``: a refused input is the
+    parser's one ``error:`` line (exit 2), and OUT is written whole or not at all (a temporary file beside
+    it, renamed when complete)."""
     import megabyte
 
     name, parser = argv[0], tool_parser(argv[0])
@@ -572,8 +586,59 @@ def run_tool(argv: list[str]) -> None:
         if name == "export":
             folder = megabyte.export(options.ckpt_path, options.folder, options.dtype)
             print(f"wrote {folder / 'config.json'} and {folder / 'model.safetensors'}")
+        if name in ("compress", "decompress"):
+            coding_tool(name, options)
     except (ValueError, OSError) as error:
         parser.error(str(error))
+
+
+def coding_tool(name: str, options: Namespace) -> None:
+    """``compress`` or ``decompress`` IN to OUT with a progress bar on stderr (where it is a terminal) and
+    a one-line summary; raises ValueError / OSError for the parser to report."""
+    import tempfile
+    import time
+
+    from tqdm import tqdm
+
+    import megabyte
+    from megabyte.compression import read_header
+
+    source, target = Path(options.input), Path(options.output)
+    if target.exists():
+        raise ValueError(f"{target} exists: give a new file name for the output, or remove it")
+    if not source.is_file():
+        raise ValueError(f"{source}: no such file")
+    data = source.read_bytes()
+    model = megabyte.load(options.ckpt_path, device=options.device, dtype=options.dtype)
+    # compress codes the medium's content (its size is known once it is read), decompress its header's length
+    total = read_header(data).length if name == "decompress" else None
+    with tqdm(total=total, unit="B", unit_scale=True, desc=name, disable=None, leave=False) as bar:
+        started = time.perf_counter()
+        if name == "compress":
+            out = model.compress(data, options.chunk_len, options.batch_size, options.medium, progress=bar.update)
+        else:
+            out = model.decompress(data, progress=bar.update)
+        seconds = time.perf_counter() - started
+    if target.exists():
+        raise ValueError(f"{target} appeared while {name} ran: the output was not written")
+    with tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{target.name}.", suffix=".part", delete=False) as f:
+        partial = Path(f.name)
+    try:
+        partial.write_bytes(out)
+        partial.rename(target)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    original = len(data) if name == "compress" else len(out)
+    coded = read_header(out if name == "compress" else data)
+    mode = {"raw": "its bytes", "medium": f"the {model.medium}'s content ({coded.length:,} bytes)"}[coded.mode]
+    if name == "compress" and coded.mode == "raw" and model.medium != "text" and options.medium is None:
+        mode += f" (as the {model.medium}'s content it would not decompress to this very file; --medium true codes that)"
+    print(
+        f"{name}ed {source} ({len(data):,} bytes) to {target} ({len(out):,} bytes): coded {mode}, "
+        f"{8 * len(out if name == 'compress' else data) / max(original, 1):.4f} bits per byte, "
+        f"{original / max(seconds, 1e-9):,.0f} bytes/s (chunk_len {coded.chunk_len}, batch_size {coded.batch_size})"
+    )
 
 
 def main(args: list[str] | None = None, run: bool = True) -> MegaByteCLI | None:

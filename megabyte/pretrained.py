@@ -1,5 +1,5 @@
-"""A trained model from Python: ``megabyte.load(path)`` -> a ``Pretrained`` that generates, scores and
-compresses bytes, and decodes them to its medium.
+"""A trained model from Python: ``megabyte.load(path)`` -> a ``Pretrained`` that generates, scores,
+compresses and decompresses bytes, and decodes them to its medium.
 
 ``path`` is a Lightning checkpoint (``.ckpt``, as ``fit`` writes), a folder written by ``export``:
 ``config.json`` (the architecture and the data options) and ``model.safetensors`` (the weights alone), or
@@ -163,6 +163,31 @@ class Pretrained:
                 bits = one_pass(batch)
             total += bits.double().cpu()[mask].sum().item()
         return total / len(x)
+
+    # -- compression ------------------------------------------------------------------------------
+
+    def compress(
+        self, data: bytes, chunk_len: int | None = None, batch_size: int = 64, medium: bool | None = None,
+        progress: Any = None,
+    ) -> bytes:  # fmt: skip
+        """``data`` (a file's bytes) -> a compressed file that ``decompress`` with this model turns back
+        into it, bit for bit, on the same hardware and software (``megabyte.compression.compress``).
+
+        chunk_len: bytes of each independent chunk (default max_seq_len); batch_size: chunks coded at once.
+        medium: for an image or audio model, None codes the medium's content (pixels, samples) where that
+        loses nothing of the file, else its raw bytes; True always codes the content (decompress then
+        gives the medium's file, PNG or WAV); False always the raw bytes. Text is coded as it is.
+        """
+        from megabyte.compression import compress
+
+        return compress(self, data, chunk_len, batch_size, medium, progress)
+
+    def decompress(self, blob: bytes, progress: Any = None) -> bytes:
+        """A file written by ``compress`` with this model -> the bytes compressed; a ValueError saying why
+        for another model's file, a truncated or a corrupted one (``megabyte.compression.decompress``)."""
+        from megabyte.compression import decompress
+
+        return decompress(self, blob, progress)
 
     # -- sharing ----------------------------------------------------------------------------------
 

@@ -4,6 +4,7 @@ import bz2
 import io
 import json
 import lzma
+import os
 import re
 import shutil
 import subprocess
@@ -22,6 +23,7 @@ from datamodules.image import image_to_bytes
 from megabyte import MegaByte, MegaByteConfig, MegaByteLM
 from megabyte.flops import training_flops_per_byte
 from megabyte.bits import byte_bits
+from megabyte.pretrained import Pretrained
 from tests.audio_files import FSDD_TEST_PATTERN, write_wav_folder
 from tests.conftest import REPO
 from tests.image_files import write_image_folder
@@ -376,3 +378,41 @@ def test_quality_compressors_take_a_corpus_or_a_config(tmp_path, capsys):
         with pytest.raises(SystemExit):
             quality_main("compressors", f"--out={tmp_path}", "--config=configs/quickstart.yaml", *text_only)
         assert "--split and --cache_dir go with --data: with --config, give --data.split and --data.cache_dir" in capsys.readouterr().err
+
+
+def test_compress_speed_round_trips_files_and_the_test_split_and_reports_sizes(text_file, tmp_path):
+    torch.manual_seed(0)
+    data = {"class_path": "datamodules.TextDataModule", "init_args": {"path": str(text_file), "seq_len": 64, "split": [0.8, 0.1, 0.1]}}
+    folder = Pretrained(MegaByte(MegaByteConfig(max_seq_len=64, d_global=32, n_global_heads=2, n_global_layers=1, d_local=16,
+                                                n_local_heads=2, n_local_layers=1)), data).export(tmp_path / "model")  # fmt: skip
+    small = tmp_path / "small.bin"
+    small.write_bytes(bytes(range(256)) * 2)
+    out, split_file = tmp_path / "compress.json", tmp_path / "test-split.bin"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}  # this checkout's modules
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "compress_speed.py"), "--ckpt_path", str(folder), str(small),
+         "--test_split_of", str(text_file), "--cache_dir", str(tmp_path / "cache"), "--write_split", str(split_file),
+         "--batch_size", "8", "--chunk_len", "32", "--device", "cpu", "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, env=env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    text = text_file.read_bytes()
+    assert split_file.read_bytes() == text[len(text) * 9 // 10 :]  # the checkpoint's split [0.8, 0.1, 0.1], by hand
+    report = json.loads(out.read_text())
+    assert report["model"] == "MegaByte" and report["device"] == "cpu"
+    files, split = report["results"]
+    assert files["bytes"] == 512 and split["bytes"] == len(split_file.read_bytes())
+    for r in (files, split):
+        assert r["bit_exact"] and r["mode"] == "raw" and r["chunk_len"] == 32 and r["batch_size"] == 8
+        assert r["bits_per_byte"] == 8 * r["compressed_bytes"] / r["bytes"]
+        assert r["size_over_model_bits"] == pytest.approx(r["compressed_bytes"] / (r["model_bits_per_byte"] * r["bytes"] / 8))
+        assert r["compress_bytes_per_s"] > 0 and r["decompress_bytes_per_s"] > 0
+        tools = {c["tool"]: c for c in r["compressors"]}
+        assert set(tools) == {"xz", "zstd", "bzip2", "gzip"}
+        for name, c in tools.items():
+            if shutil.which(name):
+                assert c["bits_per_byte"] == 8 * c["compressed_bytes"] / r["bytes"]
+            else:
+                assert c["note"] == f"{name} is not installed: skipped"
+    lines = result.stdout.strip().splitlines()
+    assert lines[0].startswith("MegaByte (") and len(lines) == 1 + 2 + 2  # the title, the table's head, two rows
