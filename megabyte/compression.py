@@ -148,7 +148,8 @@ class _BatchSteps:
 
     ``probabilities()`` is the coder's input for the byte each row reads next; ``advance(t, byte)`` feeds
     every row its byte t - 1 and computes the probabilities of byte t. On a GPU each kind of step runs
-    eagerly once, then is captured as a CUDA graph and replayed (as ``megabyte.generation`` does): the same
+    eagerly once, then is captured as a CUDA graph per kind and cache window and replayed (as
+    ``megabyte.generation`` does): the same
     kernels on the same buffers, one launch. The schedule depends on the batch alone, so the encoder and
     the decoder run identical work.
     """
@@ -179,16 +180,19 @@ class _BatchSteps:
         # The previous probabilities() copy has waited for the device: the pinned buffer is free to refill.
         self.byte.copy_(self.host_byte, non_blocking=self.cuda_graphs)
         kind = self.model.step_kind(t)
-        self.runs[kind] = self.runs.get(kind, 0) + 1
-        if not self.cuda_graphs or self.runs[kind] == 1:
+        # Attention over a window of the caches that holds their filled part (ByteModel.narrow_attention):
+        # the window depends on t alone, so both sides read the same windows; one graph per kind and window.
+        key = (kind, self.model.narrow_attention(self.state, t))
+        self.runs[key] = self.runs.get(key, 0) + 1
+        if not self.cuda_graphs or self.runs[key] == 1:
             self._step(kind)
-        elif kind in self.graphs:
-            self.graphs[kind].replay()
+        elif key in self.graphs:
+            self.graphs[key].replay()
         else:  # capture records the step without running it: run it by replaying
-            self.graphs[kind] = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graphs[kind]):
+            self.graphs[key] = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graphs[key]):
                 self._step(kind)
-            self.graphs[kind].replay()
+            self.graphs[key].replay()
 
 
 class _Precision:
