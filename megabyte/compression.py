@@ -136,6 +136,17 @@ def provenance(device: torch.device) -> str:
     return f"{name}, torch {torch.__version__}, CUDA {torch.version.cuda}, constriction {version('constriction')}"
 
 
+def check_weights(model: ByteModel) -> None:
+    """Refuse half-precision weights on a GPU: there a bfloat16 model's decoder did not reproduce its
+    encoder's probabilities (a 1 MB round trip failed, benchmarks/RESULTS.md), float32 ones did."""
+    weights = next(model.parameters())
+    if weights.device.type == "cuda" and weights.dtype != torch.float32:
+        raise ValueError(
+            f"compression on a GPU needs float32 weights, the model's are {str(weights.dtype).removeprefix('torch.')}: "
+            "load it without a dtype (or with dtype float32)"
+        )
+
+
 def _batches(n_bytes: int, chunk_len: int, batch_size: int) -> list[list[int]]:
     """The chunk lengths of each batch: chunks of ``chunk_len`` bytes (the last one shorter), ``batch_size``
     of them a batch (the last batch fewer). A function of the header's fields alone."""
@@ -154,14 +165,15 @@ class _BatchSteps:
     the decoder run identical work.
     """
 
-    def __init__(self, model: ByteModel, rows: int, device: torch.device) -> None:
+    def __init__(self, model: ByteModel, rows: int, steps: int, device: torch.device) -> None:
         self.model = model
         self.cuda_graphs = device.type == "cuda"
         pinned = self.cuda_graphs
         self.byte = torch.zeros(rows, dtype=torch.long, device=device)  # (rows,) the byte the next step reads
         self.host_byte = torch.zeros(rows, dtype=torch.long, pin_memory=pinned)
         self.host = torch.empty(rows, VOCAB_SIZE, dtype=torch.float32, pin_memory=pinned)
-        logits, self.state = model.prefill(torch.zeros(rows, 0, dtype=torch.long, device=device))  # byte 0
+        # caches of the batch's longest chunk (steps bytes), not of max_seq_len
+        logits, self.state = model.prefill(torch.zeros(rows, 0, dtype=torch.long, device=device), max_len=steps)  # byte 0
         self.probs = coding_probabilities(logits)  # (rows, 256) on the device, overwritten by every step
         self.runs: dict[Any, int] = {}
         self.graphs: dict[Any, torch.cuda.CUDAGraph] = {}
@@ -226,7 +238,7 @@ def _code_batch(
     """
     rows, steps = len(lengths), max(lengths)
     device = next(model.parameters()).device
-    batch = _BatchSteps(model, rows, device)
+    batch = _BatchSteps(model, rows, steps, device)
     byte = np.zeros(rows, dtype=np.int64)
     done = 0
     for t in range(steps):
@@ -320,6 +332,7 @@ def compress(
     if batch_size < 1:
         raise ValueError(f"batch_size must be a positive number of chunks, got {batch_size}")
     data = bytes(data)
+    check_weights(model)
     mode, content, output = choose_mode(pretrained, data, medium)
     device = next(model.parameters()).device
     precision = torch.get_float32_matmul_precision()
@@ -360,6 +373,7 @@ def decompress(pretrained: Any, blob: bytes, progress: Progress | None = None) -
 
     header = read_header(blob)
     model = pretrained.model
+    check_weights(model)
     expected = model_hash(model, _data_format(pretrained))
     if header.model_hash != expected:
         raise ValueError(

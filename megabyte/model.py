@@ -77,9 +77,10 @@ class ByteModel(nn.Module):
 
     config: ModelConfig
 
-    def prefill(self, prompt: torch.Tensor) -> tuple[torch.Tensor, object]:
-        """prompt LongTensor (B, n), 0 <= n < max_seq_len -> (logits (B, 256) of byte n, the decode
-        state of the next ``decode_step``)."""
+    def prefill(self, prompt: torch.Tensor, max_len: int | None = None) -> tuple[torch.Tensor, object]:
+        """prompt LongTensor (B, n), 0 <= n < max_len -> (logits (B, 256) of byte n, the decode
+        state of the next ``decode_step``). ``max_len`` (default and at most max_seq_len): the longest
+        sequence the state will decode, which sizes its key/value caches."""
         raise NotImplementedError
 
     def decode_step(self, byte: torch.Tensor, kind: StepKind, state: object) -> torch.Tensor:
@@ -249,11 +250,12 @@ class MegaByte(ByteModel):
         h = self.global_model(h, cache)[:, -1]  # (B, d_global)
         return self.global_to_local(h.view(B, P, -1))  # (B, P, d_local)
 
-    def prefill(self, prompt: torch.Tensor) -> tuple[torch.Tensor, MegaByteDecodeState]:
+    def prefill(self, prompt: torch.Tensor, max_len: int | None = None) -> tuple[torch.Tensor, MegaByteDecodeState]:
         B, n = prompt.shape
         P, d_global, r = self.config.patch_size, self.config.d_global, self.config.cross_patch_bytes
         c, m = divmod(n, P)  # c whole patches, m bytes of the current one
-        global_cache = self.global_model.new_cache(self.config.max_seq_len // P)
+        # byte t reads global positions 0..t // P (the pad, then the patches before its own)
+        global_cache = self.global_model.new_cache(-(-(max_len or self.config.max_seq_len) // P))
         patch = prompt.new_zeros(B, P)
         patch[:, :m] = prompt[:, c * P :]
         pad = self.global_pad.expand(B, 1, d_global)  # (B, 1, d_global)
@@ -352,9 +354,9 @@ class ByteTransformer(ByteModel):
         h = torch.cat([start, self.embedding(prev)], dim=1)  # (B, L, d)
         return h + self.pos_embedding(torch.arange(h.shape[1], device=h.device))
 
-    def prefill(self, prompt: torch.Tensor) -> tuple[torch.Tensor, ByteTransformerDecodeState]:
+    def prefill(self, prompt: torch.Tensor, max_len: int | None = None) -> tuple[torch.Tensor, ByteTransformerDecodeState]:
         state = ByteTransformerDecodeState(
-            cache=self.transformer.new_cache(self.config.max_seq_len),
+            cache=self.transformer.new_cache(max_len or self.config.max_seq_len),
             position=torch.tensor(prompt.shape[1] + 1, device=prompt.device),
         )
         h = self.transformer(self.shifted_input(prompt), state.cache)[:, -1]  # (B, d)
