@@ -59,7 +59,8 @@ def checkpoint_files(folder: Path) -> list[str]:
 
 
 def test_the_readme_commands_in_order_leave_the_trained_model_intact(text_file, tmp_path, capsys, monkeypatch):
-    """After ``make fit``: "Test a checkpoint", "Interrupted runs", "Generate", in the README's order."""
+    """After ``make fit``, the README's commands of "The ``megabyte`` command" (test, generate, a new run,
+    its resume), and the refused run into ``make fit``'s folder with the fix its error names."""
     fit = text_fit(text_file, tmp_path)
     main([*fit, "--trainer.max_steps=4"])  # make fit (version 0)
     run = tmp_path / "logs" / "quickstart" / "version_0"
