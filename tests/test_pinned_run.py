@@ -1,10 +1,14 @@
 """A fixed tiny run whose results must not move: moving or renaming code may change neither the
 validation bits per byte nor the bytes greedy decoding writes.
 
-The run is in float64 at a learning rate where training is not chaotic, so its numbers do not depend on
-the CPU: a float32 run of 200 steps at lr 1e-2 amplified the rounding of one CPU's matrix kernels
-against another's to 2 % of val bpb, while this one gives the same bits on one thread or two. The
-pinned numbers were computed on the CPU (torch 2.11); a change of any of them is a change of behaviour."""
+The run is in float64 at a learning rate where training is not chaotic: a float32 run of 200 steps at lr
+1e-2 amplified the rounding of one CPU's matrix kernels against another's to 2 % of val bpb. In float64
+the same CPU gives the same bits on one thread or two, but CPUs still differ in the last digits (their
+kernels sum in other orders): an AMD EPYC and an Intel Xeon gave val bpb 3.730492576786099 and
+3.7304926268616456 (MegaByte, 1.3e-8 apart) and 2.863466837675922 and 2.8633430488492935
+(ByteTransformer, 4.3e-5), MegaByte with the same greedy bytes, the ByteTransformer with other ones from
+byte 13 on. So val bpb is pinned to CROSS_CPU and the greedy bytes to those of one of the measured CPUs;
+a change of behaviour moves val bpb by more (torch 2.11)."""
 
 import lightning as L
 import pytest
@@ -14,9 +18,12 @@ from datamodules import TextDataModule
 from megabyte import MegaByteLM, generate
 from tests.conftest import tiny_megabyte_config, tiny_transformer_config
 
+CROSS_CPU = 2e-4
+"""Relative tolerance of the pinned val bpb: 4.6x the largest difference measured between two CPUs."""
+
 PINNED = {
-    "megabyte": (3.730492576786099, b"  s   s   s   s   s   s   s   s   s     "),
-    "transformer": (2.863466837675922, b"is is 14 14 1 1 1 1 issssssss 4 1  1 1 1"),
+    "megabyte": (3.730492576786099, {b"  s   s   s   s   s   s   s   s   s     "}),
+    "transformer": (2.863466837675922, {b"is is 14 14 1 1 1 1 issssssss 4 1  1 1 1", b"is is 14 14 14 1 1 isss 1               "}),
 }
 PROMPT = b"17 squared is "
 
@@ -53,5 +60,5 @@ def test_a_fixed_tiny_run_keeps_its_val_bpb_and_greedy_bytes(arch, tmp_path, one
     prompt = torch.tensor([list(PROMPT)])
     greedy = bytes(generate(lm.model, prompt, 40, temperature=0.0)[0, len(PROMPT) :].tolist())
     expected_bpb, expected_bytes = PINNED[arch]
-    assert result["val/bpb"] == pytest.approx(expected_bpb, rel=1e-9)
-    assert greedy == expected_bytes
+    assert result["val/bpb"] == pytest.approx(expected_bpb, rel=CROSS_CPU)
+    assert greedy in expected_bytes
