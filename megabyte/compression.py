@@ -33,6 +33,7 @@ fails its check after decoding.
 """
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -48,6 +49,7 @@ import numpy as np
 import torch
 
 from megabyte.config import VOCAB_SIZE, config_to_dict
+from megabyte.generation import GraphedSteps
 from megabyte.model import ByteModel
 
 log = logging.getLogger(__name__)
@@ -175,8 +177,7 @@ class _BatchSteps:
         # caches of the batch's longest chunk (steps bytes), not of max_seq_len
         logits, self.state = model.prefill(torch.zeros(rows, 0, dtype=torch.long, device=device), max_len=steps)  # byte 0
         self.probs = coding_probabilities(logits)  # (rows, 256) on the device, overwritten by every step
-        self.runs: dict[Any, int] = {}
-        self.graphs: dict[Any, torch.cuda.CUDAGraph] = {}
+        self.replay = GraphedSteps(self.cuda_graphs)
 
     def _step(self, kind: Any) -> None:
         self.probs.copy_(coding_probabilities(self.model.decode_step(self.byte, kind, self.state)))
@@ -194,17 +195,7 @@ class _BatchSteps:
         kind = self.model.step_kind(t)
         # Attention over a window of the caches that holds their filled part (ByteModel.narrow_attention):
         # the window depends on t alone, so both sides read the same windows; one graph per kind and window.
-        key = (kind, self.model.narrow_attention(self.state, t))
-        self.runs[key] = self.runs.get(key, 0) + 1
-        if not self.cuda_graphs or self.runs[key] == 1:
-            self._step(kind)
-        elif key in self.graphs:
-            self.graphs[key].replay()
-        else:  # capture records the step without running it: run it by replaying
-            self.graphs[key] = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graphs[key]):
-                self._step(kind)
-            self.graphs[key].replay()
+        self.replay((kind, self.model.narrow_attention(self.state, t)), functools.partial(self._step, kind))
 
 
 class _Precision:

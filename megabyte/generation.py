@@ -101,6 +101,29 @@ def compiled_generation_step() -> Callable[..., None]:
     return step
 
 
+class GraphedSteps:
+    """Run decoding steps that are the same device code for one key (a step kind and cache window): the
+    first ``eager_runs`` of a key eagerly (which also compiles a compiled step and initialises the kernels
+    a capture needs), then, with ``cuda_graphs``, captured once as a CUDA graph and replayed."""
+
+    def __init__(self, cuda_graphs: bool, eager_runs: int = 1) -> None:
+        self.cuda_graphs, self.eager_runs = cuda_graphs, eager_runs
+        self.runs: dict[object, int] = {}
+        self.graphs: dict[object, torch.cuda.CUDAGraph] = {}
+
+    def __call__(self, key: object, step: Callable[[], None]) -> None:
+        self.runs[key] = self.runs.get(key, 0) + 1
+        if not self.cuda_graphs or self.runs[key] <= self.eager_runs:
+            step()
+        elif key in self.graphs:
+            self.graphs[key].replay()
+        else:  # capture records the step without running it: run it by replaying
+            self.graphs[key] = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graphs[key]):
+                step()
+            self.graphs[key].replay()
+
+
 @torch.no_grad()
 def generate(
     model: ByteModel,
@@ -175,8 +198,7 @@ def generate(
         # and window, made after that pair ran eagerly (which also compiles the step and initialises
         # the kernels a capture needs).
         steps: dict[StepKind, Callable[[], None]] = {}
-        runs: dict[tuple[StepKind, int | None], int] = {}
-        graphs: dict[tuple[StepKind, int | None], torch.cuda.CUDAGraph] = {}
+        replay = GraphedSteps(use_graphs, eager_runs=2 if compile else 1)
         for t in range(n, total - 1):
             kind = model.step_kind(t + 1)
             key = (kind, None if full_cache else model.narrow_attention(state, t + 1))
@@ -184,16 +206,7 @@ def generate(
                 steps[kind] = functools.partial(
                     step_fn, model, state, kind, logits, x, noise, drawn, written, temperature, top_k, top_p
                 )
-            runs[key] = runs.get(key, 0) + 1
-            if not use_graphs or runs[key] <= (2 if compile else 1):
-                steps[kind]()
-            elif key in graphs:
-                graphs[key].replay()
-            else:  # capture records the step without running it: run it by replaying
-                graphs[key] = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graphs[key]):
-                    steps[kind]()
-                graphs[key].replay()
+            replay(key, steps[kind])
         last_noise = None if noise is None else noise[-1]
         x[:, total - 1] = sample_next_byte(logits, temperature, top_k, top_p, noise=last_noise)
     finally:
